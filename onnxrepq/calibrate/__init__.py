@@ -1,0 +1,1 @@
+"""Calibration: data sources and streaming statistics gathered with onnxruntime."""

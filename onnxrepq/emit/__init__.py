@@ -1,0 +1,1 @@
+"""Runtime targets: the only place QDQ layout rules live."""

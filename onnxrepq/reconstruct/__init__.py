@@ -1,0 +1,1 @@
+"""Block partitioning, the torch block executor and the learned quantizers."""

@@ -1,0 +1,1 @@
+"""Scale-search criteria (minmax, percentile, mse, mae) behind one small interface."""
