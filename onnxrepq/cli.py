@@ -1,0 +1,190 @@
+"""Command line: parses arguments into a QuantConfig and calls the API; nothing else.
+
+Exit codes: 0 success, 1 internal error (a bug of ours), 2 bad usage or bad input,
+3 ``compare`` found the quantized model below ``--min-sqnr``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+
+from . import __version__
+from .config import SCALE_SEARCHES, TARGETS, CalibrationConfig, QuantConfig
+from .errors import UserError
+
+EXIT_INTERNAL, EXIT_USAGE, EXIT_GATE = 1, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own exits with 2 and a usage block; keep one line
+        raise UserError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnxrepq", description="Post-training quantization of ONNX models "
+                     "(re-parameterized networks included) to INT8 QDQ graphs for onnxruntime and TensorRT.")
+    parser.add_argument("--version", action="version", version=f"onnxrepq {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="{quantize,fuse,inspect,compare}", parser_class=_Parser)
+
+    quantize = commands.add_parser("quantize", help="quantize a float model with calibration data")
+    quantize.add_argument("model", help="float ONNX model")
+    quantize.add_argument("-o", "--output", required=True, help="where to write the quantized model")
+    quantize.add_argument("--calib", required=True, help=".npy, .npz, or a folder of them (samples on axis 0)")
+    quantize.add_argument("--bits", type=int, default=None, help="weight and activation bits (default 8)")
+    quantize.add_argument("--wbits", type=int, default=None, help="weight bits, 2..8")
+    quantize.add_argument("--abits", type=int, default=None, help="activation bits (8)")
+    quantize.add_argument("--scale-search", choices=SCALE_SEARCHES, default=None,
+                          help="how activation ranges are chosen (default mse)")
+    quantize.add_argument("--weight-scale-search", choices=SCALE_SEARCHES, default=None,
+                          help="how per-channel weight scales are chosen (default mae)")
+    quantize.add_argument("--target", choices=TARGETS, default="ort-cpu")
+    quantize.add_argument("--seed", type=int, default=0)
+    quantize.add_argument("--fast", action="store_true", help="scale search only, no reconstruction")
+    quantize.add_argument("--calib-samples", type=int, default=None, help="use at most this many samples")
+    quantize.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
+                          help="node name or op type (glob) to leave in float; repeatable")
+    quantize.add_argument("--no-fuse", action="store_true", help="do not fuse parallel conv branches")
+    quantize.add_argument("--quiet", action="store_true", help="no progress bars")
+    quantize.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+    fuse = commands.add_parser("fuse", help="fuse parallel branches and fold BN: the float deploy form")
+    fuse.add_argument("model")
+    fuse.add_argument("-o", "--output", required=True)
+
+    inspect = commands.add_parser("inspect", help="show inputs, ops, branch groups and what would be quantized")
+    inspect.add_argument("model")
+    inspect.add_argument("--json", action="store_true")
+
+    compare = commands.add_parser("compare", help="compare a quantized model with its float original")
+    compare.add_argument("float_model")
+    compare.add_argument("quant_model")
+    compare.add_argument("--data", required=True, help=".npy, .npz, or a folder of them")
+    compare.add_argument("--samples", type=int, default=64)
+    compare.add_argument("--min-sqnr", type=float, default=None, metavar="DB",
+                         help="exit 3 when any output's SQNR is below this")
+    compare.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            build_parser().print_help()
+            return EXIT_USAGE
+        return _COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"onnxrepq: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("onnxrepq: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug of ours: one line, the traceback on request
+        if os.environ.get("ONNXREPQ_DEBUG"):
+            raise
+        print(f"onnxrepq: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+              " (set ONNXREPQ_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _config(args) -> QuantConfig:
+    if args.bits is not None and (args.wbits is not None or args.abits is not None):
+        raise UserError("--bits sets both widths; give either --bits or --wbits/--abits")
+    weight_bits = args.wbits if args.wbits is not None else (args.bits if args.bits is not None else 8)
+    activation_bits = args.abits if args.abits is not None else (args.bits if args.bits is not None else 8)
+    if args.calib_samples is not None and args.calib_samples < 1:
+        raise UserError("--calib-samples must be at least 1")
+    defaults = QuantConfig()
+    return QuantConfig(
+        weight_bits=weight_bits, activation_bits=activation_bits,
+        scale_search=args.scale_search or defaults.scale_search,
+        weight_scale_search=args.weight_scale_search or defaults.weight_scale_search,
+        target=args.target, seed=args.seed, fuse_branches=not args.no_fuse,
+        keep_float=tuple(args.keep_float),
+        calibration=CalibrationConfig(max_samples=args.calib_samples or defaults.calibration.max_samples),
+    )
+
+
+def _quantize(args) -> int:
+    from .api import quantize_with_result
+    from .graph.io import check_output_path, save_model_atomic
+
+    config = _config(args)
+    output = check_output_path(args.output, args.model)
+    started = time.perf_counter()
+    result = quantize_with_result(args.model, args.calib, config, progress=not args.quiet and sys.stderr.isatty())
+    save_model_atomic(result.model, output)
+    elapsed = time.perf_counter() - started
+    quantized = sum(1 for row in result.layers if "weight_bits" in row)
+    summary = {"output": str(output), "seconds": round(elapsed, 2), "quantized_layers": quantized,
+               "float_layers": len(result.layers) - quantized, "calibration_samples": result.calibration_samples}
+    if args.json:
+        print(json.dumps(summary))
+    elif not args.quiet:
+        print(f"wrote {output}: {quantized} layers int8, {summary['float_layers']} kept float,"
+              f" {result.calibration_samples} calibration samples, {elapsed:.1f} s")
+    return 0
+
+
+def _fuse(args) -> int:
+    from .api import fuse
+    from .graph.io import check_output_path, save_model_atomic
+
+    output = check_output_path(args.output, args.model)
+    save_model_atomic(fuse(args.model), output)
+    print(f"wrote {output}")
+    return 0
+
+
+def _inspect(args) -> int:
+    from .api import inspect
+
+    report = inspect(args.model)
+    if args.json:
+        data = asdict(report)
+        print(json.dumps(data, default=str, indent=1))
+        return 0
+    print(f"opset {report.opset}")
+    for label, values in (("input", report.inputs), ("output", report.outputs)):
+        for name, dtype, dims in values:
+            print(f"{label:6s} {name}: {dtype} {dims}")
+    print("ops: " + ", ".join(f"{op} {count}" for op, count in report.op_counts.items()))
+    print("after normalisation: " + ", ".join(f"{op} {count}" for op, count in report.normalized_op_counts.items()))
+    for record in report.passes:
+        for note in record.notes:
+            print(f"  [{record.name}] {note}")
+    print(f"would quantize {len(report.quantizable)} layers"
+          f" ({', '.join(sorted({op for _, op in report.quantizable}))})")
+    for name, reason in report.left_float.items():
+        print(f"  kept float: {name}: {reason}")
+    return 0
+
+
+def _compare(args) -> int:
+    from .graph.io import load_model
+    from .report.compare import compare_models
+
+    comparison = compare_models(load_model(args.float_model), load_model(args.quant_model), args.data, args.samples)
+    if args.json:
+        print(json.dumps({"samples": comparison.samples, "speedup": comparison.speedup,
+                          "outputs": [asdict(o) for o in comparison.outputs]}))
+    else:
+        for out in comparison.outputs:
+            top1 = f", top-1 agreement {out.top1_agreement:.4f}" if out.top1_agreement is not None else ""
+            print(f"{out.name}: SQNR {out.sqnr_db:.2f} dB, cosine {out.cosine:.6f}{top1}")
+        print(f"{comparison.samples} samples, speed-up {comparison.speedup:.2f}x (float time / quantized time)")
+    if args.min_sqnr is not None and comparison.min_sqnr_db < args.min_sqnr:
+        print(f"onnxrepq: SQNR {comparison.min_sqnr_db:.2f} dB is below --min-sqnr {args.min_sqnr}", file=sys.stderr)
+        return EXIT_GATE
+    return 0
+
+
+_COMMANDS = {"quantize": _quantize, "fuse": _fuse, "inspect": _inspect, "compare": _compare}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Where Q/DQ pairs go: which activations are quantized, which weights, and which share params.
+
+The plan is demand-driven. A tensor is quantized when an integer kernel needs it: the inputs
+and (activation-absorbed) outputs of anchor ops (Conv, Gemm, MatMul), then, to a fixed point,
+the outputs of integer-capable ops whose inputs are all quantized and whose result feeds another
+integer op. Nothing else is touched, so float-only regions (layer norms, softmax, heads) keep
+full precision instead of paying a Q/DQ round trip that buys no kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Optional
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..graph.patterns import constant_value, is_graph_output
+from .targets import TargetRules
+
+
+@dataclass(frozen=True)
+class WeightSlot:
+    node: str
+    input_index: int
+    axis: int          # per-channel axis of the weight (output channels)
+
+
+@dataclass
+class QuantPlan:
+    activations: list[str] = field(default_factory=list)
+    weights: list[WeightSlot] = field(default_factory=list)
+    # tensor -> the tensor whose scale and zero point it must reuse (passthrough ops)
+    shared: dict[str, str] = field(default_factory=dict)
+    # node name -> why it stays float although it is an anchor
+    left_float: dict[str, str] = field(default_factory=dict)
+
+    def leader(self, tensor: str) -> str:
+        while tensor in self.shared:
+            tensor = self.shared[tensor]
+        return tensor
+
+
+def plan_quantization(graph: gs.Graph, rules: TargetRules, float_tensors: set[str],
+                      keep_float: tuple[str, ...] = ()) -> QuantPlan:
+    """Plan Q/DQ placement. ``float_tensors`` names the activations observed to be float32."""
+    plan = QuantPlan()
+    quantized: dict[str, None] = {}  # ordered set
+
+    def mark(tensor: gs.Tensor) -> None:
+        if tensor.name in float_tensors and not isinstance(tensor, gs.Constant):
+            quantized.setdefault(tensor.name)
+
+    anchors_done: set[str] = set()
+    for node in graph.nodes:
+        if node.op not in rules.anchors:
+            continue
+        if _kept_float(node, keep_float):
+            plan.left_float[node.name] = "kept in float by the recipe"
+            continue
+        slot = _weight_slot(node)
+        activations = [t for t in node.inputs[:2] if not isinstance(t, gs.Constant) and t.name]
+        if slot is None and not (node.op == "MatMul" and len(activations) == 2):
+            plan.left_float[node.name] = "weight is not a constant float tensor of the expected rank"
+            continue
+        if any(t.name not in float_tensors for t in activations):
+            plan.left_float[node.name] = "input is not float32"
+            continue
+        if slot is not None:
+            plan.weights.append(slot)
+        for tensor in activations:
+            mark(tensor)
+        output = _absorbed_output(graph, node, rules)
+        if not is_graph_output(output, graph):
+            mark(output)
+        anchors_done.add(node.name)
+
+    changed = True
+    while changed:
+        changed = False
+        for node in graph.nodes:
+            if not node.outputs or node.outputs[0].name in quantized or _kept_float(node, keep_float):
+                continue
+            output = node.outputs[0]
+            inputs = [t for t in node.inputs if not isinstance(t, gs.Constant) and t.name]
+            if not inputs or any(t.name not in quantized for t in inputs) or output.name not in float_tensors:
+                continue
+            if is_graph_output(output, graph) or not _feeds_integer_op(output, rules, quantized, keep_float):
+                continue
+            if node.op in rules.passthrough_ops and len(node.outputs) == 1:
+                plan.shared[output.name] = inputs[0].name
+            elif node.op not in rules.int8_ops or len(node.outputs) != 1:
+                continue
+            quantized.setdefault(output.name)
+            changed = True
+    plan.activations = list(quantized)
+    return plan
+
+
+def _feeds_integer_op(tensor: gs.Tensor, rules: TargetRules, quantized, keep_float) -> bool:
+    for consumer in tensor.outputs:
+        if _kept_float(consumer, keep_float):
+            continue
+        if consumer.op in rules.anchors or consumer.op in rules.int8_ops or consumer.op in rules.passthrough_ops:
+            return True
+    return False
+
+
+def _kept_float(node: gs.Node, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatchcase(node.name, p) or fnmatchcase(node.op, p) for p in patterns)
+
+
+def _absorbed_output(graph: gs.Graph, node: gs.Node, rules: TargetRules) -> gs.Tensor:
+    """The tensor to quantize after an anchor: past a Relu/Clip that is its sole consumer."""
+    output = node.outputs[0]
+    if len(output.outputs) == 1 and not is_graph_output(output, graph):
+        follower = output.outputs[0]
+        if follower.op in rules.absorbed_activations and follower.inputs[0] is output and _clip_is_static(follower):
+            return follower.outputs[0]
+    return output
+
+
+def _clip_is_static(node: gs.Node) -> bool:
+    if node.op != "Clip":
+        return True
+    bounds = [constant_value(t) for t in node.inputs[1:3] if t is not None and t.name]
+    return all(b is not None for b in bounds)
+
+
+def _weight_slot(node: gs.Node) -> Optional[WeightSlot]:
+    if len(node.inputs) < 2:
+        return None
+    weight = constant_value(node.inputs[1])
+    if weight is None or weight.dtype != np.float32:
+        return None
+    if node.op in ("Conv",) and weight.ndim >= 3:
+        return WeightSlot(node.name, 1, 0)
+    if node.op == "ConvTranspose" and weight.ndim >= 3 and int(node.attrs.get("group", 1)) == 1:
+        return WeightSlot(node.name, 1, 1)
+    if node.op == "Gemm" and weight.ndim == 2:
+        return WeightSlot(node.name, 1, 0 if int(node.attrs.get("transB", 0)) else 1)
+    if node.op == "MatMul" and weight.ndim == 2:
+        return WeightSlot(node.name, 1, 1)
+    return None

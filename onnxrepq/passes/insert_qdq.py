@@ -1,0 +1,87 @@
+"""Insert QuantizeLinear/DequantizeLinear as planned: the simulation graph.
+
+Weights stay float behind a QuantizeLinear so that reconstruction can still see (and learn) the
+float values; the emitter later folds those into int8 initializers. Each consumer of a quantized
+activation gets its own DequantizeLinear: onnxruntime's QDQ selectors match a DQ that feeds one
+node, and a shared DQ would keep a fan-out tensor (a residual) out of the integer kernels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..emit.placement import QuantPlan
+from ..search.quant_grid import IntGrid
+from .base import PassResult
+
+
+@dataclass(frozen=True)
+class ActivationQuant:
+    scale: float
+    zero_point: int
+    grid: IntGrid
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    scale: np.ndarray   # one per channel along ``axis``
+    axis: int
+    grid: IntGrid
+
+
+class InsertQDQ:
+    """Put Q->DQ on every planned activation and Q->DQ behind every planned weight."""
+
+    name = "insert_qdq"
+
+    def __init__(self, plan: QuantPlan, activations: dict[str, ActivationQuant], weights: dict[str, WeightQuant]):
+        self.plan = plan
+        self.activations = activations
+        self.weights = weights
+
+    def __call__(self, graph: gs.Graph) -> PassResult:
+        tensors = graph.tensors()
+        nodes = {node.name: node for node in graph.nodes}
+        for name in self.plan.activations:
+            self._quantize_activation(graph, tensors[name], self.activations[self.plan.leader(name)])
+        for slot in self.plan.weights:
+            node = nodes[slot.node]
+            self._quantize_weight(graph, node, slot.input_index, self.weights[slot.node])
+        graph.toposort()
+        notes = [f"{len(self.plan.activations)} activations and {len(self.plan.weights)} weights quantized"]
+        return PassResult(graph, True, notes)
+
+    def _quantize_activation(self, graph: gs.Graph, tensor: gs.Tensor, quant: ActivationQuant) -> None:
+        consumers = list(tensor.outputs)
+        scale = gs.Constant(f"{tensor.name}_scale", np.array(quant.scale, dtype=np.float32))
+        zero_point = gs.Constant(f"{tensor.name}_zero_point", np.array(quant.zero_point, dtype=quant.grid.dtype))
+        quantized = gs.Variable(f"{tensor.name}_quantized", dtype=quant.grid.dtype)
+        graph.layer(op="QuantizeLinear", name=f"{tensor.name}_QuantizeLinear",
+                    inputs=[tensor, scale, zero_point], outputs=[quantized])
+        for index, consumer in enumerate(consumers):
+            restored = gs.Variable(f"{tensor.name}_dequantized_{index}", dtype=np.float32)
+            graph.layer(op="DequantizeLinear", name=f"{tensor.name}_DequantizeLinear_{index}",
+                        inputs=[quantized, scale, zero_point], outputs=[restored])
+            consumer.inputs = [restored if inp is tensor else inp for inp in consumer.inputs]
+
+    def _quantize_weight(self, graph: gs.Graph, node: gs.Node, index: int, quant: WeightQuant) -> None:
+        base = f"{node.name}_weight"
+        # Pre-clip to the grid: QuantizeLinear saturates to the storage type ([-128, 127]) while a
+        # narrower grid ([-127, 127], or [-31, 31] at 6 bits) is what the emitter will store.
+        shape = [1] * node.inputs[index].values.ndim
+        shape[quant.axis] = -1
+        limit = (quant.scale.astype(np.float64) * min(quant.grid.qmax, -quant.grid.qmin)).reshape(shape)
+        clipped = np.clip(node.inputs[index].values, -limit, limit).astype(np.float32)
+        weight = gs.Constant(f"{base}_float", clipped)
+        scale = gs.Constant(f"{base}_scale", quant.scale.astype(np.float32))
+        zero_point = gs.Constant(f"{base}_zero_point", np.zeros(quant.scale.shape, dtype=quant.grid.dtype))
+        quantized = gs.Variable(f"{base}_quantized", dtype=quant.grid.dtype)
+        restored = gs.Variable(f"{base}_dequantized", dtype=np.float32)
+        attrs = {"axis": quant.axis}
+        graph.layer(op="QuantizeLinear", name=f"{base}_QuantizeLinear", inputs=[weight, scale, zero_point],
+                    outputs=[quantized], attrs=attrs)
+        graph.layer(op="DequantizeLinear", name=f"{base}_DequantizeLinear", inputs=[quantized, scale, zero_point],
+                    outputs=[restored], attrs=attrs)
+        node.inputs = [restored if i == index else inp for i, inp in enumerate(node.inputs)]

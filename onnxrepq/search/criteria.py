@@ -1,0 +1,90 @@
+"""Choosing quantization ranges: min-max, percentile, and error minimisation (MSE or MAE).
+
+MAE is the default because RepAPQ (arXiv 2402.16121) shows it is less swayed by the rare
+outliers that re-parameterized layers carry: MSE spends range on them, MAE spends it on the bulk.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..calibrate.histogram import StreamingHistogram
+from .quant_grid import IntGrid, affine_params, fake_quant, symmetric_params
+
+# Candidate clipping fractions, geometric so that heavy clipping (outliers 50x the bulk) is
+# reachable while near-full ranges are still searched finely.
+_FRACTIONS = np.unique(np.concatenate([np.geomspace(0.01, 1.0, 80), np.linspace(0.5, 1.0, 51)]))
+_WEIGHT_FRACTIONS = np.linspace(0.3, 1.0, 71)
+
+
+def _power(method: str) -> float:
+    return 1.0 if method == "mae" else 2.0
+
+
+def activation_range(hist: StreamingHistogram, method: str, grid: IntGrid, percentile: float = 99.99,
+                     symmetric: bool = False) -> tuple[float, float]:
+    """The [lo, hi] range (always containing 0) to quantize a tensor with."""
+    lo, hi = min(hist.min, 0.0), max(hist.max, 0.0)
+    if hi - lo <= 0 or not np.isfinite(lo) or not np.isfinite(hi):
+        return 0.0, 1e-8
+    if method == "minmax":
+        pass
+    elif method == "percentile":
+        hi = max(hist.percentile(percentile), 0.0) if hist.max > 0 else 0.0
+        lo = min(hist.percentile(100.0 - percentile), 0.0) if hist.min < 0 else 0.0
+    else:
+        lo, hi = _search(hist, _power(method), grid, lo, hi, symmetric)
+    if symmetric:
+        reach = max(-lo, hi)
+        return -reach, reach
+    return lo, max(hi, lo + 1e-8)
+
+
+def _search(hist: StreamingHistogram, power: float, grid: IntGrid, lo: float, hi: float, symmetric: bool):
+    centers, counts = hist.nonzero()
+    if symmetric:
+        reach = max(-lo, hi)
+        candidates = [(-f * reach, f * reach) for f in _FRACTIONS]
+    elif lo == 0.0 or hi == 0.0:
+        candidates = [(lo * f, hi * f) for f in _FRACTIONS]
+    else:
+        # Two sided: search the lower and upper fractions on a grid (coarse), then refine upper.
+        coarse = _FRACTIONS[::4]
+        candidates = [(lo * a, hi * b) for a in coarse for b in coarse]
+    best = _best(candidates, centers, counts, power, grid, symmetric)
+    if not symmetric and lo < 0.0 < hi:
+        best_lo, best_hi = best
+        fine = [(best_lo * a, best_hi * b) for a in np.linspace(0.85, 1.15, 13) for b in np.linspace(0.85, 1.15, 13)]
+        fine = [(max(l, lo), min(h, hi)) for l, h in fine]
+        best = _best(fine + [best], centers, counts, power, grid, symmetric)
+    return best
+
+
+def _best(candidates, centers, counts, power, grid, symmetric):
+    best, best_error = candidates[-1], np.inf
+    for lo, hi in candidates:
+        scale, zero_point = symmetric_params(max(-lo, hi), grid) if symmetric else affine_params(lo, hi, grid)
+        error = float(np.dot(counts, np.abs(centers - fake_quant(centers, scale, zero_point, grid)) ** power))
+        if error < best_error:
+            best, best_error = (lo, hi), error
+    return best
+
+
+def weight_scales(weight: np.ndarray, axis: int, method: str, grid: IntGrid) -> np.ndarray:
+    """Per-channel symmetric scales along ``axis``; error-minimising methods clip per channel."""
+    moved = np.moveaxis(np.asarray(weight, np.float64), axis, 0)
+    rows = moved.reshape(moved.shape[0], -1)
+    reach = np.abs(rows).max(axis=1)
+    reach = np.where(reach > 0, reach, 1e-8)
+    if method in ("minmax", "percentile"):
+        # Percentile is an activation idea; weights are few and exact, so their full range is kept.
+        return (reach / grid.qmax).astype(np.float32)
+    power = _power(method)
+    best_scale = reach / grid.qmax
+    best_error = np.full(rows.shape[0], np.inf)
+    for fraction in _WEIGHT_FRACTIONS:
+        scale = (reach * fraction / grid.qmax)[:, None]
+        error = (np.abs(rows - fake_quant(rows, scale, 0, grid)) ** power).sum(axis=1)
+        better = error < best_error
+        best_error = np.where(better, error, best_error)
+        best_scale = np.where(better, scale[:, 0], best_scale)
+    return best_scale.astype(np.float32)

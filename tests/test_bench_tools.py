@@ -1,0 +1,106 @@
+"""Fast checks of the bench's data and metrics (tools/ocr_data.py, tools/bench_lib/metrics.py)."""
+import os
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `tools` lives at the root
+
+from tools import ocr_data  # noqa: E402
+from tools.bench_lib import metrics, tasks  # noqa: E402
+
+
+def test_rec_lines_are_deterministic_per_split():
+    first, first_labels = ocr_data.rec_split("calib", 4)
+    again, again_labels = ocr_data.rec_split("calib", 4)
+    other, other_labels = ocr_data.rec_split("eval", 4)
+    assert first.shape == (4, 3, 48, 320) and first.dtype == np.float32
+    np.testing.assert_array_equal(first, again)
+    assert first_labels == again_labels
+    assert first_labels != other_labels and not np.array_equal(first, other)
+
+
+def test_rec_preprocessing_range_and_right_padding():
+    images, _ = ocr_data.rec_split("eval", 3)
+    assert images.min() >= -1.0 and images.max() <= 1.0
+    wide = ocr_data.resize_norm_line(np.full((24, 48, 3), 255, np.uint8), 320)  # aspect 2 -> 96 px wide
+    assert np.all(wide[:, :, :96] == 1.0) and np.all(wide[:, :, 96:] == 0.0)
+
+
+def test_det_pages_are_deterministic_and_normalized():
+    first = ocr_data.det_split("calib", 2, size=64)
+    np.testing.assert_array_equal(first, ocr_data.det_split("calib", 2, size=64))
+    assert not np.array_equal(first, ocr_data.det_split("eval", 2, size=64))
+    assert first.shape == (2, 3, 64, 64)
+    with pytest.raises(ValueError):
+        ocr_data.det_split("calib", 1, size=50)
+
+
+def test_cls_labels_balanced_and_deterministic():
+    images, labels = ocr_data.cls_split("eval", 6)
+    assert images.shape == (6, 3, 48, 192) and labels.tolist() == [0, 1, 0, 1, 0, 1]
+    np.testing.assert_array_equal(images, ocr_data.cls_split("eval", 6)[0])
+
+
+def test_ctc_greedy_decode_collapses_repeats_and_drops_blank():
+    characters = ["a", "b", " "]
+    # time steps: a a blank a b b blank space  -> "aab "
+    path = [1, 1, 0, 1, 2, 2, 0, 3]
+    probabilities = np.eye(4, dtype=np.float32)[path] * 0.9 + 0.025
+    assert ocr_data.ctc_greedy_decode(probabilities, characters) == "aab "
+
+
+@pytest.mark.parametrize("source,target,distance", [
+    ("", "", 0), ("abc", "", 3), ("", "ab", 2), ("kitten", "sitting", 3), ("flaw", "lawn", 2), ("same", "same", 0),
+])
+def test_levenshtein_known_pairs(source, target, distance):
+    assert metrics.levenshtein(source, target) == distance
+
+
+def test_character_error_rate_and_exact_match():
+    assert metrics.character_error_rate(["kitten", "ab"], ["sitting", "ab"]) == pytest.approx(3 / 9)
+    assert metrics.exact_match(["a", "b", "c", "d"], ["a", "x", "c", "y"]) == 0.5
+
+
+def test_mean_mask_iou_on_constructed_maps():
+    reference = np.zeros((2, 1, 4, 4), np.float32)
+    other = np.zeros_like(reference)
+    reference[0, 0, :2, :] = 0.9  # 8 pixels
+    other[0, 0, :1, :] = 0.9      # 4 of them -> IoU 0.5
+    other[0, 0, 3, 0] = 0.2       # below threshold: ignored
+    # image 1: both empty -> full agreement
+    assert metrics.mean_mask_iou(reference, other, threshold=0.3) == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_sqnr_db():
+    reference = np.array([3.0, 4.0])  # power 25
+    assert metrics.sqnr_db(reference, reference + np.array([0.5, 0.0])) == pytest.approx(10 * np.log10(25 / 0.25))
+    assert metrics.sqnr_db(reference, reference) == float("inf")
+
+
+def test_int8_weight_fraction_counts_elements():
+    quantized = numpy_helper.from_array(np.ones((4, 2), np.int8), "w_q")
+    float_weight = numpy_helper.from_array(np.ones((2, 12), np.float32), "w2")
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "scale")
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "scale"], ["w"]),
+             helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("MatMul", ["h", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12])],
+                              [quantized, float_weight, scale])
+    assert metrics.int8_weight_fraction(helper.make_model(graph)) == pytest.approx(8 / (8 + 24))
+
+
+@pytest.mark.skipif(tasks.rapidocr_model("ch_PP-OCRv4_rec_infer.onnx") is None, reason="rapidocr not installed")
+def test_fp32_rec_reads_rendered_lines():
+    """Validates preprocessing and decoding end to end: the real model must read most lines exactly."""
+    from tools.bench_lib import runtime
+    path = tasks.rapidocr_model("ch_PP-OCRv4_rec_infer.onnx")
+    characters = ocr_data.rec_characters(onnx.load(path, load_external_data=False))
+    images, labels = ocr_data.rec_split("eval", 20)
+    outputs = runtime.run_batches(runtime.make_session(path), {"x": images}, 10)
+    predictions = [ocr_data.ctc_greedy_decode(o, characters).strip() for o in outputs]
+    assert metrics.exact_match(predictions, labels) >= 0.5

@@ -1,0 +1,176 @@
+"""Benchmark onnxrepq against FP32 and onnxruntime's static quantizer, model by model, side by side.
+
+    python tools/bench.py                     # everything; writes BENCHMARKS.md and BENCHMARKS.json
+    python tools/bench.py --quick             # fewer samples, small det pages, no percentile: minutes
+    python tools/bench.py --recipes none      # FP32 and onnxruntime baselines only
+    python tools/bench.py --update-cards      # also write int8 top-1 into each zoo card.json
+
+Every quantizer runs in a fresh child process (tools/bench_lib/measure.py) so its wall time and peak
+memory are its own; all methods read the same calibration file. A failing method is recorded as
+"failed: <reason>" and the run goes on.
+"""
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+
+if __package__ in (None, ""):  # run as a script: make `tools` importable from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import onnx  # noqa: E402
+
+from tools.bench_lib import methods, metrics, report, runtime, tasks  # noqa: E402
+from tools.bench_lib.calib_files import write_calibration  # noqa: E402
+
+QUICK_SIZES = tasks.Sizes(rec_eval=60, rec_calib=16, cls_eval=60, cls_calib=16, det_eval=8, det_calib=8,
+                          det_size=320, zoo_eval=500)
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small subset that finishes in a few minutes")
+    parser.add_argument("--models", default="", help="comma-separated substrings of model names to keep")
+    parser.add_argument("--recipes", default="fast,default", help="onnxrepq recipes, comma-separated, or 'none'")
+    parser.add_argument("--baselines", default=None,
+                        help="onnxruntime calibrations (minmax,percentile) or 'none'; --quick defaults to minmax")
+    parser.add_argument("--out", default=os.path.join(methods.REPO_ROOT, "BENCHMARKS.md"), help="markdown path")
+    parser.add_argument("--json", default=None, help="raw results path (default: --out with .json)")
+    parser.add_argument("--latency-runs", type=int, default=None, help="timed runs per model (default 50, quick 20)")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per quantizer run")
+    parser.add_argument("--memory-cap-mb", type=float, default=16_000.0,
+                        help="a quantizer whose process tree exceeds this RSS is stopped and marked failed")
+    parser.add_argument("--update-cards", action="store_true", help="write int8 top-1 into zoo card.json files")
+    return parser.parse_args(argv)
+
+
+def selected_methods(arguments) -> list[methods.Method]:
+    baselines = arguments.baselines or ("minmax" if arguments.quick else ",".join(methods.ORT_CALIBRATIONS))
+    chosen = [methods.ort_method(c) for c in split_list(baselines)]
+    return chosen + [methods.onnxrepq_method(recipe) for recipe in split_list(arguments.recipes)]
+
+
+def split_list(text: str) -> list[str]:
+    return [] if text.strip() == "none" else [item.strip() for item in text.split(",") if item.strip()]
+
+
+def build_tasks(arguments, sizes: tasks.Sizes) -> tuple[list[tasks.Task], list[str]]:
+    notes = []
+    ocr = [make(sizes) for make in (tasks.det_task, tasks.rec_task, tasks.cls_task)]
+    if any(task is None for task in ocr):
+        notes.append("rapidocr_onnxruntime (PP-OCR models) not installed: OCR models skipped")
+    zoo, zoo_note = tasks.zoo_tasks(methods.REPO_ROOT, sizes)
+    if zoo_note:
+        notes.append(f"zoo skipped: {zoo_note}")
+    keep = split_list(arguments.models)
+    chosen = [task for task in ocr + zoo if task is not None and (not keep or any(k in task.name for k in keep))]
+    return chosen, notes
+
+
+def evaluate(task: tasks.Task, model_path: str, reference):
+    """Accuracy, fidelity to FP32 and int8 share of one model file; returns (record, outputs)."""
+    outputs = runtime.run_batches(runtime.make_session(model_path), task.eval_inputs, task.batch_size)
+    record = {"accuracy": task.score(outputs, reference if reference is not None else outputs),
+              "sqnr_db": metrics.sqnr_db(reference, outputs) if reference is not None else None,
+              "int8_weight_fraction": metrics.int8_weight_fraction(onnx.load(model_path))}
+    return record, outputs
+
+
+def bench_method(task, method, work_dir, calib_path, reference, arguments) -> tuple[dict, str | None]:
+    """Quantize with one method and evaluate the result; returns (record, output model path or None)."""
+    output = os.path.join(work_dir, f"{method.name}.onnx")
+    stats = methods.run_quantizer(method, task.model_path, output, calib_path,
+                                  (arguments.timeout, arguments.memory_cap_mb),
+                                  os.path.join(work_dir, f"{method.name}.log"))
+    if "error" in stats:
+        return {"failed": stats["error"], "quantize_s": stats.get("wall_s")}, None
+    try:
+        record, _ = evaluate(task, output, reference)
+    except Exception as error:  # noqa: BLE001 - e.g. an invalid graph; recorded, the run goes on
+        return {"failed": "evaluating output: " + methods.last_line(f"{type(error).__name__}: {error}")}, None
+    record.update(quantize_s=stats["wall_s"], peak_rss_mb=stats["peak_rss_mb"])
+    if stats.get("preprocess", "ok") != "ok":
+        record["notes"] = f"quant_pre_process {stats['preprocess']}; quantized the raw model"
+    return record, output
+
+
+def add_latency(task: tasks.Task, records: dict, model_paths: dict[str, str], runs: int) -> None:
+    """Latency of every model that came out, measured in turns on the first evaluation sample."""
+    sessions = {name: runtime.make_session(path) for name, path in model_paths.items()}
+    feed = {name: array[:1] for name, array in task.eval_inputs.items()}
+    latencies = runtime.interleaved_latency_ms(sessions, feed, runs)
+    for name, latency in latencies.items():
+        records[name].update(latency_ms=latency, speedup=latencies["fp32"] / latency)
+
+
+def bench_task(task: tasks.Task, method_list, arguments) -> dict:
+    result = {"model_path": task.model_path, "primary_metric": task.primary_metric,
+              "eval_samples": len(next(iter(task.eval_inputs.values()))),
+              "calib_samples": len(next(iter(task.calibration.values()))), "methods": {}}
+    result["methods"]["fp32"], reference = evaluate(task, task.model_path, None)
+    model_paths = {"fp32": task.model_path}
+    print(f"[{task.name}] fp32 {result['methods']['fp32']['accuracy']}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="onnxrepq-bench-") as work_dir:
+        calib_path = write_calibration(task.calibration, os.path.join(work_dir, "calib"))
+        for method in method_list:
+            record, output = bench_method(task, method, work_dir, calib_path, reference, arguments)
+            result["methods"][method.name] = record
+            if output:
+                model_paths[method.name] = output
+            print(f"[{task.name}] {method.name} {record.get('failed') or record['accuracy']}", flush=True)
+        add_latency(task, result["methods"], model_paths, arguments.latency_runs)
+    return result
+
+
+def update_cards(task_list: list[tasks.Task], results: dict) -> None:
+    """card.json gets int8 top-1 of onnxrepq's default recipe and of onnxruntime MinMax, when they ran."""
+    for task in task_list:
+        if task.card_path is None or not os.path.exists(task.card_path):
+            continue
+        with open(task.card_path) as handle:
+            card = json.load(handle)
+        for key, method in (("onnxrepq_int8_top1", "onnxrepq-default"), ("ort_int8_top1", "ort-minmax")):
+            record = results["models"][task.name]["methods"].get(method, {})
+            if "accuracy" in record:
+                card[key] = round(record["accuracy"]["top1"], 4)
+        with open(task.card_path, "w") as handle:
+            json.dump(card, handle, indent=2)
+            handle.write("\n")
+
+
+def main(argv=None) -> int:
+    arguments = parse_arguments(argv)
+    if arguments.update_cards and arguments.quick:
+        print("--update-cards needs the full test split; drop --quick", file=sys.stderr)
+        return 2
+    sizes = QUICK_SIZES if arguments.quick else tasks.Sizes()
+    arguments.latency_runs = arguments.latency_runs or (20 if arguments.quick else 50)
+    json_path = arguments.json or os.path.splitext(arguments.out)[0] + ".json"
+    method_list = selected_methods(arguments)
+    task_list, notes = build_tasks(arguments, sizes)
+    results = {"command": "python tools/bench.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+               "machine": report.machine_note(), "notes": notes, "models": {},
+               "settings": {"threads": runtime.INTRA_OP_THREADS, "latency_runs": arguments.latency_runs,
+                            "description": describe(sizes, arguments.quick)}}
+    for task in task_list:
+        results["models"][task.name] = bench_task(task, method_list, arguments)
+        with open(json_path, "w") as handle:  # after every model, so a killed run keeps what it measured
+            json.dump(results, handle, indent=2)
+    report.write_markdown(results, arguments.out)
+    if arguments.update_cards:
+        update_cards(task_list, results)
+    print(f"wrote {arguments.out} and {json_path}")
+    return 0
+
+
+def describe(sizes: tasks.Sizes, quick: bool) -> str:
+    return (f"{'Quick subset' if quick else 'Full run'}: rec {sizes.rec_eval} eval / {sizes.rec_calib} calib lines, "
+            f"cls {sizes.cls_eval} / {sizes.cls_calib} lines, det {sizes.det_eval} / {sizes.det_calib} pages of "
+            f"{sizes.det_size}x{sizes.det_size}, zoo test split {sizes.zoo_eval or 'all'}; synthetic OCR data from "
+            "tools/ocr_data.py (calibration and evaluation seeds differ). SQNR: first model output vs FP32 on the "
+            "evaluation inputs. Rec exact match compares after stripping leading/trailing spaces.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pieces of tools/bench.py: metrics, tasks, quantizer runners, timing and the report."""

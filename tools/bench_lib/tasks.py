@@ -1,0 +1,129 @@
+"""What the bench measures per model: its calibration and held-out inputs and how outputs are scored.
+
+Three PP-OCR models use synthetic data from tools.ocr_data; zoo models (models/<name>/) bring their own
+calib.npy and are scored on tools.zoo.data.make_split("test").
+"""
+import glob
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from tools import ocr_data
+from tools.bench_lib import metrics
+
+DET_THRESHOLD = 0.3  # PaddleOCR's det_db_thresh
+
+
+@dataclass
+class Sizes:
+    """Sample counts; --quick shrinks them."""
+    rec_eval: int = 200
+    rec_calib: int = 64
+    cls_eval: int = 200
+    cls_calib: int = 64
+    det_eval: int = 40
+    det_calib: int = 32
+    det_size: int = 480
+    zoo_eval: int | None = None  # None = the whole test split
+
+
+@dataclass
+class Task:
+    name: str
+    model_path: str
+    calibration: dict[str, np.ndarray]
+    eval_inputs: dict[str, np.ndarray]
+    score: Callable[[np.ndarray, np.ndarray], dict]  # (outputs, fp32 outputs) -> accuracy metrics
+    primary_metric: str
+    batch_size: int = 16
+    card_path: str | None = None
+
+
+def rapidocr_model(file_name: str) -> str | None:
+    """Path of a model bundled with rapidocr_onnxruntime, found without importing it (it needs cv2)."""
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if spec is None:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), "models", file_name)
+    return path if os.path.exists(path) else None
+
+
+def single_input_task(name: str, model_path: str, calibration: np.ndarray, eval_inputs: np.ndarray,
+                      score, primary_metric: str, **options) -> Task:
+    """All benchmarked models take one image tensor; key the arrays by the model's input name."""
+    input_name = onnx.load(model_path, load_external_data=False).graph.input[0].name
+    return Task(name, model_path, {input_name: calibration}, {input_name: eval_inputs}, score, primary_metric,
+                **options)
+
+
+def rec_task(sizes: Sizes) -> Task | None:
+    path = rapidocr_model("ch_PP-OCRv4_rec_infer.onnx")
+    if path is None:
+        return None
+    characters = ocr_data.rec_characters(onnx.load(path, load_external_data=False))
+    eval_images, labels = ocr_data.rec_split("eval", sizes.rec_eval)
+    calib_images, _ = ocr_data.rec_split("calib", sizes.rec_calib)
+
+    def score(outputs, _reference):
+        # PaddleOCR's space class shows up at the ends of crops with margins; a reader strips it.
+        predictions = [ocr_data.ctc_greedy_decode(o, characters).strip() for o in outputs]
+        return {"exact_match": metrics.exact_match(predictions, labels),
+                "cer": metrics.character_error_rate(predictions, labels)}
+
+    return single_input_task("ppocrv4-rec", path, calib_images, eval_images, score, "exact_match")
+
+
+def cls_task(sizes: Sizes) -> Task | None:
+    path = rapidocr_model("ch_ppocr_mobile_v2.0_cls_infer.onnx")
+    if path is None:
+        return None
+    eval_images, labels = ocr_data.cls_split("eval", sizes.cls_eval)
+    calib_images, _ = ocr_data.cls_split("calib", sizes.cls_calib)
+
+    def score(outputs, reference):
+        return {"accuracy": metrics.top1(outputs, labels),
+                "agree_fp32": metrics.top1(outputs, np.argmax(reference, axis=1))}
+
+    return single_input_task("ppocr-mobile-cls", path, calib_images, eval_images, score, "accuracy")
+
+
+def det_task(sizes: Sizes) -> Task | None:
+    path = rapidocr_model("ch_PP-OCRv4_det_infer.onnx")
+    if path is None:
+        return None
+    eval_pages = ocr_data.det_split("eval", sizes.det_eval, sizes.det_size)
+    calib_pages = ocr_data.det_split("calib", sizes.det_calib, sizes.det_size)
+
+    def score(outputs, reference):
+        return {"map_iou": metrics.mean_mask_iou(reference, outputs, DET_THRESHOLD)}
+
+    return single_input_task("ppocrv4-det", path, calib_pages, eval_pages, score, "map_iou", batch_size=1)
+
+
+def zoo_tasks(root: str, sizes: Sizes) -> tuple[list[Task], str | None]:
+    """One task per models/<name>/model.onnx; returns (tasks, note why none when the zoo is unusable)."""
+    model_paths = sorted(glob.glob(os.path.join(root, "models", "*", "model.onnx")))
+    if not model_paths:
+        return [], "no models/<name>/model.onnx found"
+    try:
+        from tools.zoo.data import make_split
+        images, labels = make_split("test", count=sizes.zoo_eval)
+    except Exception as error:  # noqa: BLE001 - the zoo is optional for the bench
+        return [], f"tools.zoo.data.make_split('test') unavailable: {type(error).__name__}: {error}"
+    images, labels = np.asarray(images, dtype=np.float32), np.asarray(labels)
+    return [zoo_task(path, images, labels) for path in model_paths], None
+
+
+def zoo_task(model_path: str, images: np.ndarray, labels: np.ndarray) -> Task:
+    folder = os.path.dirname(model_path)
+    calibration = np.load(os.path.join(folder, "calib.npy")).astype(np.float32)
+
+    def score(outputs, _reference):
+        return {"top1": metrics.top1(outputs, labels)}
+
+    return single_input_task(f"zoo/{os.path.basename(folder)}", model_path, calibration, images, score, "top1",
+                             batch_size=64, card_path=os.path.join(folder, "card.json"))

@@ -1,0 +1,1 @@
+"""The re-parameterized model zoo: its offline dataset, network assembly and export."""
