@@ -149,6 +149,8 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
     first = next(iter(calibration_data))
     observed = observe(normalized, first)
     float_tensors = {name for name, value in observed.items() if value.dtype == np.float32}
+    # observe() returns node outputs only; the graph inputs feed the first conv and are float too
+    float_tensors |= {spec.name for spec in specs if spec.dtype == np.float32}
     rules = TARGETS[config.target]
     plan = plan_quantization(graph, rules, float_tensors, config.keep_float)
 

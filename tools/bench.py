@@ -46,9 +46,13 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 
 
 def selected_methods(arguments) -> list[methods.Method]:
-    baselines = arguments.baselines or ("minmax" if arguments.quick else ",".join(methods.ORT_CALIBRATIONS))
-    chosen = [methods.ort_method(c) for c in split_list(baselines)]
-    return chosen + [methods.onnxrepq_method(recipe) for recipe in split_list(arguments.recipes)]
+    baselines = split_list(arguments.baselines or ("minmax" if arguments.quick else ",".join(methods.ORT_CALIBRATIONS)))
+    recipes = split_list(arguments.recipes)
+    unknown = set(baselines) - set(methods.ORT_CALIBRATIONS) | set(recipes) - set(methods.RECIPE_FLAGS)
+    if unknown:
+        print(f"bench.py: unknown baseline or recipe: {', '.join(sorted(unknown))}", file=sys.stderr)
+        raise SystemExit(2)
+    return [methods.ort_method(c) for c in baselines] + [methods.onnxrepq_method(r) for r in recipes]
 
 
 def split_list(text: str) -> list[str]:

@@ -174,22 +174,23 @@ def _spooled(batches: Iterator[Feed], max_samples: int) -> Callable[[], Iterator
     """Replay a one-shot stream: the first pass writes each batch to disk, later passes read it."""
     folder = tempfile.TemporaryDirectory(prefix="onnxrepq-calib-")
     files: list[Path] = []
-    state = {"done": False}
+    state = {"done": False, "seen": 0}
 
     def replay() -> Iterator[Feed]:
+        # What an earlier pass spooled comes from disk, also when that pass stopped early
+        # (quantize() reads one batch first): the stream has moved past those batches.
+        for file in list(files):
+            with np.load(file, allow_pickle=False) as archive:
+                yield {name: archive[name] for name in archive.files}
         if state["done"]:
-            for file in files:
-                with np.load(file, allow_pickle=False) as archive:
-                    yield {name: archive[name] for name in archive.files}
             return
-        seen = 0
         for feed in batches:
             file = Path(folder.name) / f"{len(files):06d}.npz"
             np.savez(file, **feed)
             files.append(file)
             yield feed
-            seen += len(next(iter(feed.values()))) if feed else 0
-            if seen >= max_samples:
+            state["seen"] += len(next(iter(feed.values()))) if feed else 0
+            if state["seen"] >= max_samples:
                 break
         state["done"] = True
 

@@ -22,6 +22,7 @@ from .ops import op_function
 from .ops.quant import quantize_linear
 
 Feeds = Mapping[str, torch.Tensor]
+_WIDENED = {"int4": np.int8, "uint4": np.uint8}
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,10 @@ def select_nodes(graph: gs.Graph, inputs: Sequence[str], outputs: Sequence[str])
     pending = deque(tensors[name] for name in outputs)
     while pending:
         tensor = pending.popleft()
-        if tensor.name in boundary or isinstance(tensor, gs.Constant) or not tensor.inputs:
-            if not (tensor.name in boundary or isinstance(tensor, gs.Constant)):
-                raise UserError(f"tensor {tensor.name!r} is needed but is neither an input of the block nor a constant")
+        if tensor.name in boundary or isinstance(tensor, gs.Constant):
             continue
+        if not tensor.inputs:
+            raise UserError(f"tensor {tensor.name!r} is needed but is neither an input of the block nor a constant")
         node = tensor.inputs[0]
         if id(node) in chosen:
             continue
@@ -102,6 +103,8 @@ class GraphModule(torch.nn.Module):
 
     def _register_constant(self, tensor: gs.Constant) -> None:
         values = np.asarray(tensor.values)
+        if values.dtype.name in _WIDENED:   # torch has no 4-bit integers; the range comes from the ONNX type
+            values = values.astype(_WIDENED[values.dtype.name])
         if values.dtype.kind not in "biuf":
             raise UserError(f"constant {tensor.name!r} has type {values.dtype} the torch executor cannot hold")
         buffer_name = f"constant_{len(self._buffer_of)}"

@@ -56,18 +56,17 @@ def partition(graph: gs.Graph, shapes: Optional[dict[str, Shape]] = None, max_la
     _name_nodes(graph)
     nodes = topological_order(list(graph.nodes))
     constant_only = _constant_only(nodes)
-    index = NodeIndex([n for n in nodes if id(n) not in constant_only], {}, {t.name for t in graph.outputs})
-    index.position.update({id(n): i for i, n in enumerate(index.nodes)})
+    index = NodeIndex.of([n for n in nodes if id(n) not in constant_only], {t.name for t in graph.outputs})
     known = _known_shapes(graph, shapes)
     regions = [piece for region in cut_at_articulations(index, index.nodes)
                for piece in refine(index, region, max_layers_per_block)]
     stages_of_nodes: list[list[list[gs.Node]]] = []
     for run, spatial in _resolution_runs(index, regions, known):
-        blocks = pack(run, lambda piece: sum(index.is_weight_layer(n) for n in piece), max_layers_per_block)
+        blocks = pack(run, index.layer_count, max_layers_per_block)
         step = len(blocks) if spatial else blocks_per_stage
         stages_of_nodes.extend(blocks[i:i + step] for i in range(0, len(blocks), step))
     _attach_constant_nodes(nodes, constant_only, stages_of_nodes)
-    return _describe(graph, index, nodes, stages_of_nodes)
+    return _describe(index, stages_of_nodes)
 
 
 def _name_nodes(graph: gs.Graph) -> None:
@@ -112,6 +111,8 @@ def _output_shape(region: list[gs.Node], known: dict[str, Shape]) -> Optional[Sh
 
 
 def _changes_resolution(region: list[gs.Node], key, previous_key) -> bool:
+    """Known spatial sizes decide; with symbolic or missing ones (dynamic H, W), a strided window
+    op or a Resize inside the region is taken as the change."""
     concrete = all(isinstance(d, int) and d > 0 for d in (key or ()) + (previous_key or ()))
     if key is not None and previous_key is not None and concrete:
         return key != previous_key
@@ -150,40 +151,30 @@ def _merge_weightless(index: NodeIndex, runs):
     """A run without weight layers (a reshape between conv and sequence parts) joins its neighbour."""
     merged: list[tuple[list[list[gs.Node]], bool]] = []
     for regions, spatial in runs:
-        has_layers = any(index.is_weight_layer(n) for region in regions for n in region)
-        if merged and not has_layers:
+        if merged and not any(index.layer_count(region) for region in regions):
             merged[-1][0].extend(regions)
-        elif merged and not any(index.is_weight_layer(n) for r in merged[-1][0] for n in r):
+        elif merged and not any(index.layer_count(region) for region in merged[-1][0]):
             merged[-1] = (merged[-1][0] + regions, spatial)
         else:
             merged.append((list(regions), spatial))
     return merged
 
 
-def _attach_constant_nodes(nodes, constant_only: set[int], stages: list[list[list[gs.Node]]]) -> None:
+def _attach_constant_nodes(nodes: list[gs.Node], constant_only: set[int],
+                           stages: list[list[list[gs.Node]]]) -> None:
     """Put each constant-only node in the earliest block that consumes it, keeping topological order."""
-    block_of: dict[int, list[gs.Node]] = {}
-    order: dict[int, int] = {}
-    for stage in stages:
-        for block in stage:
-            for node in block:
-                block_of[id(node)] = block
-    flat = [block for stage in stages for block in stage]
-    rank = {id(block): i for i, block in enumerate(flat)}
-    for node in reversed(nodes):
-        if id(node) not in constant_only:
-            continue
-        targets = [block_of[id(c)] for t in node.outputs for c in t.outputs if id(c) in block_of]
-        target = min(targets, key=lambda b: rank[id(b)]) if targets else (flat[0] if flat else None)
-        if target is None:
-            flat.append([])
-            stages.append([flat[-1]])
-            rank[id(flat[-1])] = len(flat) - 1
-            target = flat[-1]
-        target.append(node)
-        block_of[id(node)] = target
-    order.update({id(n): i for i, n in enumerate(nodes)})
-    for block in flat:
+    blocks = [block for stage in stages for block in stage]
+    if not blocks:   # nothing but constants: one block holds them all
+        blocks.append([])
+        stages.append([blocks[0]])
+    block_number = {id(node): i for i, block in enumerate(blocks) for node in block}
+    for node in reversed(nodes):   # consumers first, so a chain of constant nodes follows its end
+        if id(node) in constant_only:
+            consumers = [block_number[id(c)] for t in node.outputs for c in t.outputs if id(c) in block_number]
+            block_number[id(node)] = min(consumers, default=0)
+            blocks[block_number[id(node)]].append(node)
+    order = {id(n): i for i, n in enumerate(nodes)}
+    for block in blocks:
         block.sort(key=lambda n: order[id(n)])
 
 
@@ -203,7 +194,7 @@ def _boundary(nodes: list[gs.Node], graph_outputs: set[str]) -> tuple[list[str],
     return list(inputs), list(outputs)
 
 
-def _describe(graph, index: NodeIndex, nodes, stages_of_nodes) -> list[Stage]:
+def _describe(index: NodeIndex, stages_of_nodes: list[list[list[gs.Node]]]) -> list[Stage]:
     stages: list[Stage] = []
     count = 0
     for stage_number, stage_blocks in enumerate(stages_of_nodes):

@@ -25,6 +25,10 @@ class NodeIndex:
     position: dict[int, int]            # id(node) -> index in ``nodes``
     graph_outputs: set[str]
 
+    @classmethod
+    def of(cls, nodes: list[gs.Node], graph_outputs: set[str]) -> "NodeIndex":
+        return cls(nodes, {id(n): i for i, n in enumerate(nodes)}, graph_outputs)
+
     def producers(self, node: gs.Node) -> list[gs.Node]:
         return [t.inputs[0] for t in node.inputs if t.inputs and id(t.inputs[0]) in self.position]
 
@@ -33,6 +37,9 @@ class NodeIndex:
 
     def is_weight_layer(self, node: gs.Node) -> bool:
         return node.op in WEIGHT_OPS and any(_reads_constant(t) for t in node.inputs[1:2])
+
+    def layer_count(self, nodes: Sequence[gs.Node]) -> int:
+        return sum(self.is_weight_layer(n) for n in nodes)
 
 
 def _reads_constant(tensor: gs.Tensor) -> bool:
@@ -47,6 +54,8 @@ def _reads_constant(tensor: gs.Tensor) -> bool:
 
 def cut_at_articulations(index: NodeIndex, nodes: Sequence[gs.Node]) -> list[list[gs.Node]]:
     """Split ``nodes`` (topologically ordered) after each articulation node."""
+    if not nodes:
+        return []
     members = {id(n): i + 1 for i, n in enumerate(nodes)}
     entry, exit_ = 0, len(nodes) + 1
     predecessors: list[list[int]] = [[] for _ in range(len(nodes) + 2)]
@@ -74,8 +83,7 @@ def _leaves(index: NodeIndex, node: gs.Node, members: dict[int, int]) -> bool:
 
 def refine(index: NodeIndex, region: list[gs.Node], max_layers: int) -> list[list[gs.Node]]:
     """Regions of at most ``max_layers`` weight layers, cutting inside ``region`` only if it is larger."""
-    layers = sum(index.is_weight_layer(n) for n in region)
-    if layers <= max_layers or len(region) < 2:
+    if index.layer_count(region) <= max_layers or len(region) < 2:
         return [region]
     body, exit_node = region[:-1], region[-1]
     pieces = cut_at_articulations(index, body)
@@ -88,7 +96,7 @@ def refine(index: NodeIndex, region: list[gs.Node], max_layers: int) -> list[lis
 
 def _chunk(index: NodeIndex, region: list[gs.Node], max_layers: int) -> list[list[gs.Node]]:
     """Last resort for parallel branches too big for one block: cut in order by layer count."""
-    return pack([[n] for n in region], lambda piece: sum(index.is_weight_layer(n) for n in piece), max_layers)
+    return pack([[n] for n in region], index.layer_count, max_layers)
 
 
 def pack(pieces: list[list[gs.Node]], weight: Callable[[list[gs.Node]], int], max_layers: int) -> list[list[gs.Node]]:

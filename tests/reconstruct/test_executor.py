@@ -29,9 +29,6 @@ def ints(*values):
     return np.array(values, dtype=np.int64)
 
 
-X = ("x", None, False)   # placeholder replaced by a fresh random input in each case
-
-
 def case(op, inputs, attrs=None, outputs=(("y", TensorProto.FLOAT),), opset=13, id=None):
     return pytest.param(op, inputs, attrs or {}, outputs, opset, id=id or op)
 
@@ -49,6 +46,11 @@ OP_CASES = [
     case("ConvTranspose", [x4(), ("w", rand(3, 2, 3, 3), True), ("b", rand(2), True)],
          {"strides": [2, 2], "pads": [1, 0, 1, 2], "output_padding": [1, 1]}),
     case("ConvTranspose", [x4(), ("w", rand(3, 1, 2, 2), True)], {"strides": [2, 2], "group": 3}, id="ConvT-groups"),
+    case("ConvTranspose", [x4(), ("w", rand(3, 2, 3, 3), True)], {"strides": [2, 2], "auto_pad": "SAME_UPPER"},
+         id="ConvT-same"),
+    case("ConvTranspose", [x4(), ("w", rand(3, 2, 3, 2), True)], {"dilations": [2, 1], "output_shape": [18, 15],
+                                                                   "strides": [2, 2]}, id="ConvT-output-shape"),
+    case("Gemm", [("a", rand(4, 5), False), ("b", rand(5, 3), True)], id="Gemm-plain"),
     case("Gemm", [("a", rand(4, 5), False), ("b", rand(3, 4), True), ("c", rand(3), True)],
          {"transA": 1, "transB": 1, "alpha": 0.5, "beta": 2.0}),
     case("MatMul", [("a", rand(2, 3, 4, 5), False), ("b", rand(5, 6), True)]),
@@ -67,6 +69,7 @@ OP_CASES = [
     case("HardSigmoid", [("x", rand(2, 50, low=-6, high=6), False)], {"alpha": 1 / 6, "beta": 0.5}),
     case("HardSwish", [("x", rand(2, 50, low=-6, high=6), False)], opset=14),
     case("Softmax", [x4()], {"axis": 1}),
+    case("Softmax", [("x", rand(2, 5, 7, low=-20, high=20), False)], id="Softmax-last"),
     case("ReduceMean", [x4()], {"axes": [2, -1], "keepdims": 1}),
     case("ReduceSum", [x4(), ("axes", ints(1), True)], {"keepdims": 0}),
     case("ReduceSum", [x4()], id="ReduceSum-all"),
@@ -96,6 +99,11 @@ OP_CASES = [
     case("MaxPool", [x4()], {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
     case("MaxPool", [x4()], {"kernel_shape": [3, 2], "strides": [2, 2], "pads": [0, 1, 2, 0], "ceil_mode": 1},
          id="MaxPool-asym-ceil"),
+    case("MaxPool", [x4()], {"kernel_shape": [2, 2], "dilations": [2, 2], "auto_pad": "SAME_LOWER"},
+         id="MaxPool-dilated-same"),
+    case("MaxPool", [("x", rand(2, 3, 9), False)], {"kernel_shape": [3], "strides": [2], "pads": [1, 0]}, id="MaxPool-1d"),
+    case("AveragePool", [("x", rand(2, 3, 9), False)], {"kernel_shape": [2], "strides": [2], "ceil_mode": 1},
+         id="AveragePool-1d"),
     case("AveragePool", [x4()], {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
     case("AveragePool", [x4()], {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1],
                                  "count_include_pad": 1}, id="AveragePool-include"),
@@ -116,6 +124,13 @@ OP_CASES = [
          {"mode": "linear", "coordinate_transformation_mode": "align_corners"}, id="Resize-linear-align"),
     case("Resize", [x4(), ("", None, True), ("sc", np.array([1, 1, 0.5, 2], np.float32), True)],
          {"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"}, id="Resize-linear-pt"),
+    case("Resize", [("x", rand(1, 2, 7, 9), False), ("", None, True), ("", None, True), ("sz", ints(1, 2, 4, 5), True)],
+         {"mode": "nearest", "coordinate_transformation_mode": "tf_half_pixel_for_nn"}, id="Resize-nearest-tf"),
+    case("Resize", [("x", rand(1, 2, 7, 9), False), ("", None, True), ("", None, True), ("sz", ints(1, 2, 14, 3), True)],
+         {"mode": "nearest", "coordinate_transformation_mode": "half_pixel", "nearest_mode": "round_prefer_ceil"},
+         id="Resize-nearest-ceil"),
+    case("Pad", [x4(), ("p", ints(1, 2, 0, 3), True), ("", None, True), ("ax", ints(1, -1), True)], opset=18,
+         id="Pad-axes"),
     case("Pad", [x4(), ("p", ints(0, 0, 1, 2, 0, 1, 3, 0), True), ("v", np.array(0.5, np.float32), True)]),
     case("BatchNormalization", [x4(), ("s", rand(3), True), ("b", rand(3), True), ("m", rand(3), True),
                                 ("v", rand(3, low=0.1, high=2), True)], {"epsilon": 1e-3}),
@@ -186,6 +201,21 @@ def test_qdq_rounds_ties_to_even_and_saturates():
     _assert_qdq_exact(_qdq_model(x.shape, scale, None), x)
 
 
+@pytest.mark.parametrize("qtype", [TensorProto.INT4, TensorProto.UINT4], ids=["int4", "uint4"])
+def test_qdq_four_bit_saturates_like_onnxruntime(qtype):
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"])]
+    graph = helper.make_graph(nodes, "qdq4", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 40])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]),
+                                           helper.make_tensor("zp", qtype, [], [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    x = (np.arange(40, dtype=np.float32).reshape(1, 40) - 20) * 0.05   # -1.0 .. 0.95, ties included
+    expected = run_ort(model, {"x": x})["y"]
+    assert np.array_equal(run_numpy(GraphModule(gs.import_onnx(model)), {"x": x})["y"], expected)
+
+
 def test_straight_through_gradients_are_lsq():
     x = torch.tensor([-10.0, -0.26, 0.26, 0.74, 10.0], requires_grad=True)
     scale = torch.tensor(0.5, requires_grad=True)
@@ -251,7 +281,8 @@ def test_learnable_overrides_get_gradients_through_a_qdq_block():
     weight = gs.Constant("w", rand(3, 2, 3, 3))
     w_scale, w_zero = gs.Constant("ws", np.full(3, 0.01, np.float32)), gs.Constant("wz", np.zeros(3, np.int8))
     a_scale, a_zero = gs.Constant("as", np.array(x_scale)), gs.Constant("az", np.array(128, np.uint8))
-    xq, xd, wq, wd, y = (gs.Variable(n) for n in ("xq", "xd", "wq", "wd"))  + (gs.Variable("y", np.float32),)
+    xq, xd, wq, wd = (gs.Variable(n) for n in ("xq", "xd", "wq", "wd"))
+    y = gs.Variable("y", np.float32)
     graph.nodes = [gs.Node("QuantizeLinear", "qx", inputs=[x, a_scale, a_zero], outputs=[xq]),
                    gs.Node("DequantizeLinear", "dqx", inputs=[xq, a_scale, a_zero], outputs=[xd]),
                    gs.Node("QuantizeLinear", "qw", {"axis": 0}, [weight, w_scale, w_zero], [wq]),

@@ -100,6 +100,31 @@ def test_a_unit_larger_than_the_budget_is_cut_along_its_branch():
     assert blocks[1].inputs == [blocks[0].outputs[0], "x"] or set(blocks[1].inputs) == {"x", blocks[0].outputs[0]}
 
 
+def _attention_unit(net: NetBuilder, x):
+    """Pre-norm self-attention with a skip: 4 weight MatMuls, 2 activation-activation MatMuls."""
+    def dense(t):
+        return net.op("MatMul", [t, gs.Constant(net._name("wm"), rng.normal(0, 0.2, (8, 8)).astype(np.float32))])
+    norm = net.op("LayerNormalization", [x, gs.Constant(net._name("g"), np.ones(8, np.float32)),
+                                         gs.Constant(net._name("b"), np.zeros(8, np.float32))], {"axis": -1})
+    q, k, v = dense(norm), dense(norm), dense(norm)
+    scores = net.op("Softmax", [net.op("MatMul", [q, net.op("Transpose", [k], {"perm": [0, 2, 1]})])], {"axis": -1})
+    return net.op("Add", [x, dense(net.op("MatMul", [scores, v]))])
+
+
+def test_attention_units_are_whole_blocks_and_count_only_weight_matmuls():
+    net = NetBuilder()
+    net.graph.inputs = [gs.Variable("x", np.float32, [1, 5, 8])]
+    first = _attention_unit(net, net.graph.inputs[0])
+    boundary = len(net.graph.nodes)
+    graph = net.finish(_attention_unit(net, first))
+    stages = partition(graph, max_layers_per_block=4)
+    blocks = [b for s in stages for b in s.blocks]
+    assert [len(b.weight_layers) for b in blocks] == [4, 4]
+    assert set(blocks[0].nodes) == {n.name for n in graph.nodes[:boundary]}
+    assert blocks[1].inputs == [first.name] and blocks[0].outputs == [first.name]
+    assert len(stages) == 1   # a token sequence: stages of up to 4 blocks
+
+
 @pytest.mark.parametrize("cap, sizes", [(4, [4, 4, 2]), (3, [3, 3, 3, 1]), (1, [1] * 10)])
 def test_conv_chain_is_cut_into_units_of_at_most_the_budget(cap, sizes):
     net = NetBuilder(quantized_weights=True)

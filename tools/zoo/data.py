@@ -18,7 +18,7 @@ import numpy as np
 from tools.zoo import fonts, render
 
 DATASET_NAME = "zoo-chars62"
-DATASET_VERSION = 1
+DATASET_VERSION = 2
 """Bump when rendering changes, so stale caches are not read back."""
 
 SPLIT_SIZES = {"train": 24_000, "test": 5_000, "calib": 512}

@@ -18,8 +18,8 @@ from torch import nn
 @dataclass(frozen=True)
 class TrainingRecipe:
     epochs: int
-    batch_size: int = 128
-    peak_learning_rate: float = 3e-3
+    batch_size: int = 64  # on this data, 64 learned ~3x faster per sample than 128
+    peak_learning_rate: float = 2e-3
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     warmup_fraction: float = 0.1
@@ -57,6 +57,7 @@ def make_optimizer(model: nn.Module, recipe: TrainingRecipe, total_steps: int):
 
 def train(model: nn.Module, images: np.ndarray, labels: np.ndarray, recipe: TrainingRecipe, log=print) -> TrainingResult:
     torch.manual_seed(recipe.seed)
+    torch.set_flush_denormal(True)  # AdamW's second moments of tiny gradients go subnormal; slow on x86
     inputs, targets = torch.from_numpy(images), torch.from_numpy(labels)
     batches_per_epoch = len(images) // recipe.batch_size  # drop the ragged tail: BN hates batches of 3
     optimizer, schedule = make_optimizer(model, recipe, recipe.epochs * batches_per_epoch)

@@ -34,14 +34,19 @@ class Window:
     ceil_mode: bool
 
 
-def window(x: torch.Tensor, attrs, default_kernel) -> Window:
+def window(x: torch.Tensor, attrs, default_kernel, dilate_same_pads: bool = True) -> Window:
+    """The op's geometry with auto_pad resolved against the input size.
+
+    onnxruntime's pools size SAME padding for the undilated kernel (pool_attributes.h,
+    ComputeSizePadDilations) while its convs use the dilated one; ``dilate_same_pads`` says which.
+    """
     kernel = list(attrs.get("kernel_shape", default_kernel))
     spatial = len(kernel)
     strides = list(attrs.get("strides", [1] * spatial))
     dilations = list(attrs.get("dilations", [1] * spatial))
     auto_pad = attrs.get("auto_pad", "NOTSET")
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        pads = same_pads(x.shape[2:], kernel, strides, dilations, auto_pad)
+        pads = same_pads(x.shape[2:], kernel, strides, dilations if dilate_same_pads else [1] * spatial, auto_pad)
     else:
         pads = list(attrs.get("pads", [0] * (2 * spatial)))
     return Window(kernel, strides, dilations, pads, bool(attrs.get("ceil_mode", 0)))
@@ -102,9 +107,10 @@ def _transpose_pads(attrs, in_sizes, full_sizes, strides, output_padding) -> lis
     for axis in range(spatial):
         total = full_sizes[axis] + output_padding[axis] - targets[axis]
         small, large = total // 2, total - total // 2
-        # SAME_UPPER puts the odd pixel of padding at the start (onnx ConvTranspose spec).
-        begins.append(large if auto_pad != "SAME_LOWER" else small)
-        ends.append(small if auto_pad != "SAME_LOWER" else large)
+        # onnxruntime puts the smaller half at the start for SAME_UPPER only, the larger one for
+        # SAME_LOWER and for an explicit output_shape (cpu/nn/conv_transpose_attributes.h).
+        begins.append(small if auto_pad == "SAME_UPPER" else large)
+        ends.append(large if auto_pad == "SAME_UPPER" else small)
     return begins + ends
 
 

@@ -64,7 +64,7 @@ def _torch_padding(geometry: Window) -> list[int] | None:
 @_lift_1d
 def max_pool(inputs, attrs, node):
     x = inputs[0]
-    g = window(x, attrs, None)
+    g = window(x, attrs, None, dilate_same_pads=False)
     padding = _torch_padding(g)
     if padding is not None:
         return _MAX[len(g.kernel)](x, g.kernel, g.strides, padding, g.dilations, ceil_mode=g.ceil_mode)
@@ -77,7 +77,7 @@ def max_pool(inputs, attrs, node):
 @_lift_1d
 def average_pool(inputs, attrs, node):
     x = inputs[0]
-    g = window(x, attrs, None)
+    g = window(x, attrs, None, dilate_same_pads=False)
     average = _AVG[len(g.kernel)]
     include_pad = bool(attrs.get("count_include_pad", 0))
     padding = _torch_padding(g)

@@ -11,7 +11,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..fake_quant import INT_RANGES, IntRange, dequantize, quantize
-from .registry import register
+from .registry import UnsupportedOpError, register
 
 
 def integer_range(node: gs.Node) -> IntRange:
@@ -25,7 +25,7 @@ def integer_range(node: gs.Node) -> IntRange:
     else:
         name = np.dtype(dtype).name
     if name not in INT_RANGES:
-        raise NotImplementedError(f"QuantizeLinear {node.name!r} to {name} is not supported")
+        raise UnsupportedOpError(f"QuantizeLinear {node.name!r} to {name} is not supported")
     return INT_RANGES[name]
 
 

@@ -7,26 +7,27 @@ summation order. onnxruntime clamps linear source coordinates into [0, size - 1]
 """
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import torch
 
-from .registry import register
+from .registry import UnsupportedOpError, register
 
 
 def _source_coordinates(out_size: int, in_size: int, scale: float, mode: str) -> torch.Tensor:
+    """Input coordinate of every output index, in float32 and in onnxruntime's order of operations."""
     x = torch.arange(out_size, dtype=torch.float32)
+    scale = torch.tensor(scale, dtype=torch.float32)
     if mode == "asymmetric":
         return x / scale
     if mode == "align_corners":
-        return x * ((in_size - 1) / (out_size - 1)) if out_size > 1 else torch.zeros_like(x)
+        return x * (in_size - 1) / (out_size - 1) if out_size > 1 else torch.zeros_like(x)
     if mode == "pytorch_half_pixel":
         return (x + 0.5) / scale - 0.5 if out_size > 1 else torch.zeros_like(x)
     if mode == "tf_half_pixel_for_nn":
         return (x + 0.5) / scale
     if mode == "half_pixel":
         return (x + 0.5) / scale - 0.5
-    raise NotImplementedError(f"Resize coordinate_transformation_mode {mode!r}")
+    raise UnsupportedOpError(f"Resize coordinate_transformation_mode {mode!r}")
 
 
 def _nearest_index(coords: torch.Tensor, rule: str, in_size: int) -> torch.Tensor:
@@ -44,13 +45,14 @@ def _nearest_index(coords: torch.Tensor, rule: str, in_size: int) -> torch.Tenso
 
 def _resize_axis(x: torch.Tensor, axis: int, out_size: int, scale: float, attrs) -> torch.Tensor:
     in_size = x.shape[axis]
-    coords = _source_coordinates(out_size, in_size, scale, attrs.get("coordinate_transformation_mode", "half_pixel"))
+    transform = attrs.get("coordinate_transformation_mode", "half_pixel")
+    coords = _source_coordinates(out_size, in_size, scale, transform).to(x.device)
     mode = attrs.get("mode", "nearest")
     if mode == "nearest":
         index = _nearest_index(coords, attrs.get("nearest_mode", "round_prefer_floor"), in_size)
         return x.index_select(axis, index)
     if mode != "linear":
-        raise NotImplementedError(f"Resize mode {mode!r}")
+        raise UnsupportedOpError(f"Resize mode {mode!r}")
     coords = coords.clamp(0, in_size - 1)
     low = torch.floor(coords).long()
     high = torch.clamp(low + 1, max=in_size - 1)
@@ -67,10 +69,10 @@ def resize(inputs, attrs, node):
     sizes = inputs[3] if len(inputs) > 3 and inputs[3] is not None and inputs[3].numel() else None
     if sizes is not None:
         out_sizes = [int(s) for s in sizes.tolist()]
-        factors = [out / size for out, size in zip(out_sizes, x.shape)]
+        factors = [float(np.float32(out) / np.float32(size)) for out, size in zip(out_sizes, x.shape)]
     else:
         factors = [float(s) for s in scales.tolist()]
-        out_sizes = [int(math.floor(size * f)) for size, f in zip(x.shape, factors)]
+        out_sizes = [int(np.float32(size) * np.float32(f)) for size, f in zip(x.shape, factors)]
     for axis, (out_size, factor) in enumerate(zip(out_sizes, factors)):
         if out_size != x.shape[axis] or factor != 1.0:
             x = _resize_axis(x, axis, out_size, factor, attrs)

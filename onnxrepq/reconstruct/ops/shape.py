@@ -6,7 +6,7 @@ import onnx_graphsurgeon as gs
 import torch
 import torch.nn.functional as F
 
-from .registry import int_list, onnx_dtype_to_torch, register
+from .registry import UnsupportedOpError, int_list, onnx_dtype_to_torch, register
 
 
 def _optional(inputs, index):
@@ -93,7 +93,7 @@ def unsqueeze(inputs, attrs, node):
 def shape(inputs, attrs, node):
     dims = list(inputs[0].shape)
     start, end = attrs.get("start", 0), attrs.get("end", len(dims))
-    return torch.tensor(dims[start:end], dtype=torch.int64)
+    return torch.tensor(dims[start:end], dtype=torch.int64, device=inputs[0].device)
 
 
 @register("Gather")
@@ -124,13 +124,13 @@ def constant(inputs, attrs, node):
             if key in ("value_float", "value_floats"):
                 return tensor.to(torch.float32)
             return tensor.to(torch.int64) if key.startswith("value_int") else tensor
-    raise NotImplementedError(f"Constant {node.name!r} with attributes {sorted(attrs)}")
+    raise UnsupportedOpError(f"Constant {node.name!r} with attributes {sorted(attrs)}")
 
 
 @register("ConstantOfShape")
 def constant_of_shape(inputs, attrs, node):
     fill = _attr_value(attrs["value"]) if "value" in attrs else torch.zeros(1, dtype=torch.float32)
-    return torch.full(int_list(inputs[0]), fill.reshape(-1)[0].item(), dtype=fill.dtype)
+    return torch.full(int_list(inputs[0]), fill.reshape(-1)[0].item(), dtype=fill.dtype, device=inputs[0].device)
 
 
 @register("Expand")
@@ -148,7 +148,7 @@ def tile(inputs, attrs, node):
 @register("Range")
 def range_(inputs, attrs, node):
     start, limit, delta = inputs
-    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)
 
 
 @register("Pad")
@@ -159,7 +159,7 @@ def pad(inputs, attrs, node):
     value = float(value.item()) if value is not None else attrs.get("value", 0.0)
     mode = attrs.get("mode", "constant")
     if mode != "constant":
-        raise NotImplementedError(f"Pad mode {mode!r} (node {node.name!r}); only constant is supported")
+        raise UnsupportedOpError(f"Pad mode {mode!r} (node {node.name!r}); only constant is supported")
     rank = x.dim()
     axes = int_list(_optional(inputs, 3)) or list(range(rank))
     begins, ends = [0] * rank, [0] * rank
