@@ -12,8 +12,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__
-from .calibrate.collect import collect_histograms, observe
+from .calibrate.collect import collect_histograms, float_tensors
 from .calibrate.data import calibration_set, input_specs
+from .calibrate.images import ImageFolder, is_image_folder
 from .calibrate.runner import session_for
 from .config import QuantConfig
 from .emit.finalize import FoldWeightQuantizers, QuantizeBias
@@ -32,6 +33,7 @@ from .passes.insert_qdq import ActivationQuant, InsertQDQ, WeightQuant
 from .passes.names import NameNodes
 from .passes.opset import UpgradeOpset
 from .progress import Progress
+from .reconstruct.learn import ReconstructBlocks
 from .search.criteria import activation_range, weight_scales
 from .search.quant_grid import activation_grid, affine_params, symmetric_params, weight_grid
 
@@ -46,6 +48,9 @@ class QuantizeResult:
     timings: dict[str, float] = field(default_factory=dict)
     calibration_samples: int = 0
     calibration_hash: str = ""
+    # For the report: the float model the quantized one is compared with, and the data it was calibrated on.
+    float_model: Optional[onnx.ModelProto] = field(default=None, repr=False)
+    calibration_data: Any = field(default=None, repr=False)
 
 
 def normalization_passes(config: Optional[QuantConfig] = None) -> list:
@@ -98,9 +103,9 @@ def inspect(model: ModelLike, config: Optional[QuantConfig] = None) -> Inspectio
     config = config or QuantConfig()
     proto = load_model(model)
     graph, records = normalize(proto, config)
-    float_tensors = {name for name, tensor in graph.tensors().items()
-                     if not isinstance(tensor, gs.Constant) and tensor.dtype in (None, np.float32)}
-    plan = plan_quantization(graph, TARGETS[config.target], float_tensors, config.keep_float)
+    floats = {name for name, tensor in graph.tensors().items()
+              if not isinstance(tensor, gs.Constant) and tensor.dtype in (None, np.float32)}
+    plan = plan_quantization(graph, TARGETS[config.target], floats, config.float_patterns)
     nodes = {node.name: node for node in graph.nodes}
     return Inspection(
         inputs=[_describe(value) for value in proto.graph.input
@@ -145,14 +150,13 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
     timings["normalize"] = time.perf_counter() - started
 
     specs = input_specs(session_for(normalized))
+    if is_image_folder(calibration):
+        calibration = ImageFolder(calibration, config.calibration.images, specs)
     calibration_data = calibration_set(calibration, specs, config.calibration.max_samples)
     first = next(iter(calibration_data))
-    observed = observe(normalized, first)
-    float_tensors = {name for name, value in observed.items() if value.dtype == np.float32}
-    # observe() returns node outputs only; the graph inputs feed the first conv and are float too
-    float_tensors |= {spec.name for spec in specs if spec.dtype == np.float32}
     rules = TARGETS[config.target]
-    plan = plan_quantization(graph, rules, float_tensors, config.keep_float)
+    floats = float_tensors(normalized, first) | {spec.name for spec in specs if spec.dtype == np.float32}
+    plan = plan_quantization(graph, rules, floats, config.float_patterns)
 
     leaders = sorted({plan.leader(name) for name in plan.activations}, key=plan.activations.index)
     started = time.perf_counter()
@@ -164,8 +168,9 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
     started = time.perf_counter()
     grid = activation_grid(config.activation_bits, rules.signed_activations)
     activation_params: dict[str, ActivationQuant] = {}
+    methods = _activation_methods(graph, plan, config)
     for name in leaders:
-        lo, hi = activation_range(histograms[name], config.scale_search, grid, config.percentile,
+        lo, hi = activation_range(histograms[name], methods.get(name, config.scale_search), grid, config.percentile,
                                   symmetric=rules.symmetric_activations)
         scale, zero_point = (symmetric_params(max(-lo, hi), grid) if rules.symmetric_activations
                              else affine_params(lo, hi, grid))
@@ -174,38 +179,81 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
     wgrid = weight_grid(config.weight_bits)
     weight_params = {}
     for slot in plan.weights:
-        weight = nodes[slot.node].inputs[slot.input_index].values
-        weight_params[slot.node] = WeightQuant(weight_scales(weight, slot.axis, config.weight_scale_search, wgrid),
-                                               slot.axis, wgrid)
+        node = nodes[slot.node]
+        settings = config.for_node(node.name, node.op)
+        node_grid = weight_grid(settings.weight_bits)
+        weight_params[slot.node] = WeightQuant(
+            weight_scales(node.inputs[slot.input_index].values, slot.axis, settings.weight_scale_search, node_grid),
+            slot.axis, node_grid)
     timings["search"] = time.perf_counter() - started
 
-    layers = _layer_rows(graph, plan, weight_params, activation_params)
-    graph, emitted = run_passes(graph, [InsertQDQ(plan, activation_params, weight_params),
-                                        FoldWeightQuantizers(), QuantizeBias()])
+    layers = _layer_rows(graph, plan, weight_params, activation_params, config, histograms, methods)
+    reconstruct = [] if config.fast else [ReconstructBlocks(normalized, list(calibration_data), wgrid,
+                                                            config.reconstruction, config.seed, progress)]
+    started = time.perf_counter()
+    graph, emitted = run_passes(graph, [InsertQDQ(plan, activation_params, weight_params), *reconstruct,
+                                        FoldWeightQuantizers(), *([QuantizeBias()] if rules.int32_bias else [])])
+    timings["reconstruct_and_emit"] = time.perf_counter() - started
     records += emitted
     result = QuantizeResult(_export(graph), records, layers, timings, calibration_data.count(),
-                            _hash_calibration(calibration_data))
+                            _hash_calibration(calibration_data), normalized, calibration_data)
     _write_metadata(result, config)
     return result
 
 
-def _layer_rows(graph, plan, weight_params, activation_params) -> list[dict[str, Any]]:
+def _activation_methods(graph: gs.Graph, plan, config: QuantConfig) -> dict[str, str]:
+    """Leader tensor -> range search, where an override gives a node's inputs another method than the default."""
+    methods, planned = {}, set(plan.activations)
+    for node in graph.nodes:
+        method = config.for_node(node.name, node.op).scale_search
+        if method != config.scale_search:
+            methods.update({plan.leader(t.name): method for t in node.inputs if t.name in planned})
+    return methods
+
+
+def _layer_rows(graph, plan, weight_params, activation_params, config, histograms, methods) -> list[dict[str, Any]]:
+    """One row per anchor in graph order: its weight quantization, or why it stayed float."""
     rows = []
-    nodes = {node.name: node for node in graph.nodes}
-    for slot in plan.weights:
-        node = nodes[slot.node]
-        quant = weight_params[slot.node]
-        rows.append({
-            "name": node.name, "op": node.op,
-            "weight_bits": int(np.log2(quant.grid.qmax + 1)) + 1,
-            "input": node.inputs[0].name,
-            "input_scale": (activation_params[plan.leader(node.inputs[0].name)].scale
-                            if plan.leader(node.inputs[0].name) in activation_params else None),
-            "weight_absmax": float(np.abs(node.inputs[slot.input_index].values).max()),
-        })
-    for name, reason in plan.left_float.items():
-        rows.append({"name": name, "op": nodes[name].op if name in nodes else "?", "float": reason})
+    weights = {slot.node: slot for slot in plan.weights}
+    for node in graph.nodes:
+        if node.name in plan.left_float:
+            rows.append({"name": node.name, "op": node.op, "output": node.outputs[0].name,
+                         "float": plan.left_float[node.name]})
+        elif node.name in weights:
+            rows.append(_weight_row(node, weights[node.name], weight_params[node.name], config))
+            leader = plan.leader(node.inputs[0].name)
+            if leader in activation_params:
+                rows[-1].update(_input_row(activation_params[leader], histograms[leader], leader,
+                                           methods.get(leader, config.scale_search)))
     return rows
+
+
+def _weight_row(node: gs.Node, slot, quant: WeightQuant, config: QuantConfig) -> dict[str, Any]:
+    weight = node.inputs[slot.input_index].values
+    channel_absmax = np.abs(np.moveaxis(weight, slot.axis, 0).reshape(weight.shape[slot.axis], -1)).max(axis=1)
+    return {"name": node.name, "op": node.op, "output": node.outputs[0].name,
+            "weight_bits": int(np.log2(quant.grid.qmax + 1)) + 1,
+            "weight_scale_search": config.for_node(node.name, node.op).weight_scale_search,
+            "weight_min": float(weight.min()), "weight_max": float(weight.max()),
+            "weight_absmax": float(channel_absmax.max()),
+            "channel_absmax": [round(float(v), 6) for v in channel_absmax],
+            "input": node.inputs[0].name}
+
+
+def _input_row(quant: ActivationQuant, histogram, leader: str, method: str) -> dict[str, Any]:
+    """The input activation's quantization and a 64-bin summary of its calibration histogram."""
+    centers, counts = histogram.centers, histogram.counts
+    groups = 64 if len(counts) % 64 == 0 else 1
+    coarse_counts, coarse_centers = counts.reshape(groups, -1).sum(axis=1), centers.reshape(groups, -1).mean(axis=1)
+    used = np.flatnonzero(coarse_counts)
+    span = slice(used[0], used[-1] + 1) if len(used) else slice(0, 0)
+    return {"input_tensor": leader, "input_scale": quant.scale, "input_zero_point": quant.zero_point,
+            "input_scale_search": method,
+            "input_range": [quant.scale * (quant.grid.qmin - quant.zero_point),
+                            quant.scale * (quant.grid.qmax - quant.zero_point)],
+            "input_observed": [float(histogram.min), float(histogram.max)],
+            "input_histogram": {"centers": [round(float(c), 6) for c in coarse_centers[span]],
+                                "counts": [int(c) for c in coarse_counts[span]]}}
 
 
 def _hash_calibration(data) -> str:

@@ -10,10 +10,11 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from . import __version__
-from .config import SCALE_SEARCHES, TARGETS, CalibrationConfig, QuantConfig
+from .calibrate.images import ImagePreprocess
+from .config import SCALE_SEARCHES, TARGETS, QuantConfig, load_recipe, recipe_toml
 from .errors import UserError
 
 EXIT_INTERNAL, EXIT_USAGE, EXIT_GATE = 1, 2, 3
@@ -31,23 +32,33 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="{quantize,fuse,inspect,compare}", parser_class=_Parser)
 
     quantize = commands.add_parser("quantize", help="quantize a float model with calibration data")
-    quantize.add_argument("model", help="float ONNX model")
-    quantize.add_argument("-o", "--output", required=True, help="where to write the quantized model")
-    quantize.add_argument("--calib", required=True, help=".npy, .npz, or a folder of them (samples on axis 0)")
+    quantize.add_argument("model", nargs="?", help="float ONNX model")
+    quantize.add_argument("-o", "--output", help="where to write the quantized model (required)")
+    quantize.add_argument("--calib", help=".npy, .npz, a folder of them (samples on axis 0), or a folder of"
+                          " .png/.jpg images (required)")
+    quantize.add_argument("--recipe", metavar="FILE", help="QuantConfig as .toml/.yaml/.json; flags given override it")
+    quantize.add_argument("--print-recipe", action="store_true", help="print the effective recipe (TOML) and exit")
+    quantize.add_argument("--report", metavar="DIR", help="write DIR/report.json and DIR/report.html")
     quantize.add_argument("--bits", type=int, default=None, help="weight and activation bits (default 8)")
     quantize.add_argument("--wbits", type=int, default=None, help="weight bits, 2..8")
     quantize.add_argument("--abits", type=int, default=None, help="activation bits (8)")
     quantize.add_argument("--scale-search", choices=SCALE_SEARCHES, default=None,
                           help="how activation ranges are chosen (default mse)")
     quantize.add_argument("--weight-scale-search", choices=SCALE_SEARCHES, default=None,
-                          help="how per-channel weight scales are chosen (default mae)")
-    quantize.add_argument("--target", choices=TARGETS, default="ort-cpu")
-    quantize.add_argument("--seed", type=int, default=0)
+                          help="how per-channel weight scales are chosen (default mse)")
+    quantize.add_argument("--target", choices=TARGETS, default=None, help="default ort-cpu")
+    quantize.add_argument("--seed", type=int, default=None, help="default 0")
     quantize.add_argument("--fast", action="store_true", help="scale search only, no reconstruction")
     quantize.add_argument("--calib-samples", type=int, default=None, help="use at most this many samples")
     quantize.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
                           help="node name or op type (glob) to leave in float; repeatable")
     quantize.add_argument("--no-fuse", action="store_true", help="do not fuse parallel conv branches")
+    quantize.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                          help="calibration images are resized to H x W (default: the model's input size)")
+    quantize.add_argument("--image-mean", type=float, nargs="+", metavar="M", help="per-channel mean after 1/255")
+    quantize.add_argument("--image-std", type=float, nargs="+", metavar="S", help="per-channel std after 1/255")
+    quantize.add_argument("--bgr", action="store_true", help="feed calibration images as BGR")
+    quantize.add_argument("--nhwc", action="store_true", help="the model takes NHWC images")
     quantize.add_argument("--quiet", action="store_true", help="no progress bars")
     quantize.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
@@ -58,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="show inputs, ops, branch groups and what would be quantized")
     inspect.add_argument("model")
     inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("--runtime", action="store_true",
+                         help="also count the integer kernels onnxruntime CPU makes of MODEL (a QDQ model)")
 
     compare = commands.add_parser("compare", help="compare a quantized model with its float original")
     compare.add_argument("float_model")
@@ -92,21 +105,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _config(args) -> QuantConfig:
+    """The recipe (or the defaults), with every flag given on the command line put over it."""
     if args.bits is not None and (args.wbits is not None or args.abits is not None):
         raise UserError("--bits sets both widths; give either --bits or --wbits/--abits")
-    weight_bits = args.wbits if args.wbits is not None else (args.bits if args.bits is not None else 8)
-    activation_bits = args.abits if args.abits is not None else (args.bits if args.bits is not None else 8)
     if args.calib_samples is not None and args.calib_samples < 1:
         raise UserError("--calib-samples must be at least 1")
-    defaults = QuantConfig()
-    return QuantConfig(
-        weight_bits=weight_bits, activation_bits=activation_bits,
-        scale_search=args.scale_search or defaults.scale_search,
-        weight_scale_search=args.weight_scale_search or defaults.weight_scale_search,
-        target=args.target, seed=args.seed, fuse_branches=not args.no_fuse,
-        keep_float=tuple(args.keep_float),
-        calibration=CalibrationConfig(max_samples=args.calib_samples or defaults.calibration.max_samples),
-    )
+    base = load_recipe(args.recipe) if args.recipe else QuantConfig()
+    given = {
+        "weight_bits": args.wbits if args.wbits is not None else args.bits,
+        "activation_bits": args.abits if args.abits is not None else args.bits,
+        "scale_search": args.scale_search, "weight_scale_search": args.weight_scale_search,
+        "target": args.target, "seed": args.seed,
+        "fuse_branches": False if args.no_fuse else None, "fast": True if args.fast else None,
+        "keep_float": base.keep_float + tuple(args.keep_float) if args.keep_float else None,
+    }
+    calibration = {"max_samples": args.calib_samples, "images": _image_preprocess(args, base.calibration.images)}
+    calibration = replace(base.calibration, **{k: v for k, v in calibration.items() if v is not None})
+    return replace(base, calibration=calibration, **{k: v for k, v in given.items() if v is not None})
+
+
+def _image_preprocess(args, base: ImagePreprocess | None) -> ImagePreprocess | None:
+    given = {"size": tuple(args.image_size) if args.image_size else None,
+             "mean": tuple(args.image_mean) if args.image_mean else None,
+             "std": tuple(args.image_std) if args.image_std else None,
+             "channel_order": "BGR" if args.bgr else None, "layout": "NHWC" if args.nhwc else None}
+    given = {k: v for k, v in given.items() if v is not None}
+    return replace(base or ImagePreprocess(), **given) if given else None
 
 
 def _quantize(args) -> int:
@@ -114,6 +138,13 @@ def _quantize(args) -> int:
     from .graph.io import check_output_path, save_model_atomic
 
     config = _config(args)
+    if args.print_recipe:
+        print(recipe_toml(config), end="")
+        return 0
+    missing = [flag for flag, value in (("MODEL", args.model), ("-o/--output", args.output),
+                                        ("--calib", args.calib)) if value is None]
+    if missing:
+        raise UserError(f"the following arguments are required: {', '.join(missing)}")
     output = check_output_path(args.output, args.model)
     started = time.perf_counter()
     result = quantize_with_result(args.model, args.calib, config, progress=not args.quiet and sys.stderr.isatty())
@@ -122,11 +153,20 @@ def _quantize(args) -> int:
     quantized = sum(1 for row in result.layers if "weight_bits" in row)
     summary = {"output": str(output), "seconds": round(elapsed, 2), "quantized_layers": quantized,
                "float_layers": len(result.layers) - quantized, "calibration_samples": result.calibration_samples}
+    if args.report:
+        from .report import write_report
+
+        report = write_report(result, config, args.report)
+        summary.update(report=str(args.report), report_seconds=round(report["timings"]["report"], 2),
+                       **{k: v for k, v in report["model"].items()})
     if args.json:
         print(json.dumps(summary))
     elif not args.quiet:
         print(f"wrote {output}: {quantized} layers int8, {summary['float_layers']} kept float,"
               f" {result.calibration_samples} calibration samples, {elapsed:.1f} s")
+        if args.report:
+            print(f"report: {args.report}/report.html (output SQNR {summary['min_sqnr_db']:.2f} dB,"
+                  f" {summary['report_seconds']:.1f} s)")
     return 0
 
 
@@ -144,8 +184,9 @@ def _inspect(args) -> int:
     from .api import inspect
 
     report = inspect(args.model)
+    coverage = _runtime_coverage(args.model) if args.runtime else None
     if args.json:
-        data = asdict(report)
+        data = asdict(report) | ({"runtime": asdict(coverage)} if coverage else {})
         print(json.dumps(data, default=str, indent=1))
         return 0
     print(f"opset {report.opset}")
@@ -161,7 +202,16 @@ def _inspect(args) -> int:
           f" ({', '.join(sorted({op for _, op in report.quantizable}))})")
     for name, reason in report.left_float.items():
         print(f"  kept float: {name}: {reason}")
+    if coverage:
+        print("onnxruntime CPU kernels:\n" + coverage.summary())
     return 0
+
+
+def _runtime_coverage(path):
+    from .emit.coverage import kernel_coverage
+    from .graph.io import load_model
+
+    return kernel_coverage(load_model(path))
 
 
 def _compare(args) -> int:

@@ -5,9 +5,14 @@ calls the API. There are no hidden defaults elsewhere.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
-from typing import Literal
+import json
+import types
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Union, get_args, get_origin, get_type_hints
 
+from .calibrate.images import ImagePreprocess
 from .errors import UserError
 
 ScaleSearch = Literal["mae", "mse", "minmax", "percentile"]
@@ -23,17 +28,65 @@ class CalibrationConfig:
     histogram_bins: int = 2048
     # Elements per tensor and sample that feed the histogram; min/max always see every element.
     sample_elements: int = 1 << 18
+    # How a folder of .png/.jpg files becomes input tensors; None: the folder must hold .npy/.npz.
+    images: Optional[ImagePreprocess] = None
+
+
+@dataclass(frozen=True)
+class ReconstructionConfig:
+    """Block-wise reconstruction (UWC arXiv 2201.06376, RepAPQ arXiv 2402.16121) after the scale search."""
+    iterations: int = 200            # Adam steps per block
+    batch_size: int = 8              # calibration feeds per step
+    weight_lr: float = 5e-2          # AdaRound's rounding variables
+    scale_lr: float = 1e-3           # LSQ activation step sizes (relative: the step is s * exp(p))
+    affine_lr: float = 1e-3          # QPR per-channel gamma (as log) and beta
+    max_layers_per_block: int = 2
+    rounding: Literal["adaround", "nearest"] = "adaround"
+    rounding_weight: float = 1.0     # the rounding regulariser's weight against the relative loss
+    learn_activation_scales: bool = True
+    affine: bool = True
+    stage_supervision: bool = False
+    stage_iterations: int = 50
+    qdrop: float = 0.0               # probability of taking an input element from the float model
+    loss: Literal["mae", "mse"] = "mae"
+
+
+@dataclass(frozen=True)
+class NodeOverride:
+    """Settings for the nodes whose name or op type matches the glob ``match``; None keeps the global one.
+
+    ``scale_search`` picks the range search of the activations the node reads, ``weight_scale_search``
+    that of its weight. Where several overrides match a node, the later one wins field by field.
+    """
+    match: str
+    keep_float: bool = False
+    weight_bits: Optional[int] = None
+    scale_search: Optional[ScaleSearch] = None
+    weight_scale_search: Optional[ScaleSearch] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.match, str) or not self.match:
+            raise UserError("an override needs a non-empty match pattern")
+        if self.weight_bits is not None and (not isinstance(self.weight_bits, int) or not 2 <= self.weight_bits <= 8):
+            raise UserError(f"override {self.match!r}: weight bits must be an integer from 2 to 8")
+        for name in ("scale_search", "weight_scale_search"):
+            if getattr(self, name) not in (None, *SCALE_SEARCHES):
+                raise UserError(f"override {self.match!r}: unknown {name} {getattr(self, name)!r}")
+
+    def matches(self, name: str, op: str) -> bool:
+        return fnmatchcase(name, self.match) or fnmatchcase(op, self.match)
 
 
 @dataclass(frozen=True)
 class QuantConfig:
     weight_bits: int = 8
     activation_bits: int = 8
-    # Measured on PP-OCRv4 rec (BENCHMARKS.md): MSE ranges for activations and MAE for weights
-    # beat every other pairing; MAE on a single activation tensor clips the tails that deep
-    # layers still need (0.8 dB output SQNR against 11.3 dB).
+    # Measured (BENCHMARKS.md): MSE for both. MAE on a single activation tensor clips tails that
+    # deep layers still need (PP-OCRv4 rec: 0.8 dB output SQNR against 11 dB), and MAE on weights
+    # clips the one large centre tap a merged identity branch leaves per channel (zoo RepVGG:
+    # 57% top-1 against 89% with MSE). MAE belongs to the block reconstruction loss instead.
     scale_search: ScaleSearch = "mse"
-    weight_scale_search: ScaleSearch = "mae"
+    weight_scale_search: ScaleSearch = "mse"
     percentile: float = 99.99
     target: Target = "ort-cpu"
     seed: int = 0
@@ -41,6 +94,9 @@ class QuantConfig:
     # Op types or node names kept in float whatever the planner would do.
     keep_float: tuple[str, ...] = ()
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    fast: bool = False               # scale search only, no block-wise reconstruction
+    overrides: tuple[NodeOverride, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "activation_bits"):
@@ -61,10 +117,130 @@ class QuantConfig:
             raise UserError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.calibration.max_samples < 1:
             raise UserError("calibration max samples must be at least 1")
+        rec = self.reconstruction
+        if rec.rounding not in ("adaround", "nearest") or rec.loss not in ("mae", "mse"):
+            raise UserError(f"unknown reconstruction rounding {rec.rounding!r} or loss {rec.loss!r}")
+        if rec.iterations < 0 or rec.batch_size < 1 or rec.max_layers_per_block < 1 or not 0 <= rec.qdrop <= 1:
+            raise UserError("reconstruction needs iterations >= 0, batch size and layers per block >= 1,"
+                            " qdrop in [0, 1]")
+
+        if not self.fast and any(o.weight_bits not in (None, self.weight_bits) for o in self.overrides):
+            # The block reconstruction learns every weight on one grid; mixed widths would be rounded wrong.
+            raise UserError("per-node weight_bits need fast = true (reconstruction uses one weight width)")
 
     def with_(self, **changes) -> "QuantConfig":
         return replace(self, **changes)
 
+    @property
+    def float_patterns(self) -> tuple[str, ...]:
+        """``keep_float`` plus the matches of the overrides that keep their nodes float."""
+        return self.keep_float + tuple(o.match for o in self.overrides if o.keep_float)
+
+    def for_node(self, name: str, op: str) -> NodeOverride:
+        """The effective settings of one node, every field filled."""
+        settings = {"weight_bits": self.weight_bits, "scale_search": self.scale_search,
+                    "weight_scale_search": self.weight_scale_search, "keep_float": False}
+        for override in self.overrides:
+            if override.matches(name, op):
+                settings.update({k: v for k, v in asdict(override).items() if k != "match" and v not in (None, False)})
+        return NodeOverride(match=name, **settings)
+
 
 def config_fields() -> list[str]:
     return [f.name for f in fields(QuantConfig)]
+
+
+# Recipes: a TOML/YAML/JSON file whose tables are these dataclasses, key for key.
+
+def config_from_dict(data: Any, cls: type = QuantConfig, where: str = "") -> Any:
+    """Build ``cls`` from a recipe mapping; an unknown key is a UserError naming it with its table."""
+    if not isinstance(data, Mapping):
+        raise UserError(f"recipe {where.rstrip('.') or 'file'} must be a table, got {data!r}")
+    hints = get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
+    for key in data:
+        if key not in known:
+            raise UserError(f"unknown recipe key {where + str(key)!r}; known keys: {', '.join(known)}")
+    try:
+        return cls(**{key: _recipe_value(value, hints[key], where + key) for key, value in data.items()})
+    except TypeError as exc:  # a required field is missing
+        raise UserError(f"recipe table {where.rstrip('.') or 'top level'}: {exc}") from None
+
+
+def _recipe_value(value: Any, hint: Any, key: str) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return None if value is None else _recipe_value(value, next(a for a in args if a is not type(None)), key)
+    if is_dataclass(hint):
+        return config_from_dict(value, hint, key + ".")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"recipe key {key!r} takes a list, got {value!r}")
+        return tuple(_recipe_value(item, args[0], f"{key}[{i}]") for i, item in enumerate(value))
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"recipe key {key!r} takes one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    accepted = {float: (int, float), int: (int,), bool: (bool,), str: (str,)}.get(hint, (object,))
+    if not isinstance(value, accepted) or (hint is not bool and isinstance(value, bool)):
+        raise UserError(f"recipe key {key!r} takes {getattr(hint, '__name__', hint)}, got {value!r}")
+    return float(value) if hint is float else value
+
+
+def load_recipe(path: str | Path) -> QuantConfig:
+    """A QuantConfig from a .toml, .yaml/.yml or .json recipe file."""
+    path = Path(path)
+    if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise UserError(f"recipe must be a .toml, .yaml/.yml or .json file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read recipe {path}: {exc.strerror}") from None
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+            data = tomllib.loads(text)
+        else:
+            import yaml  # JSON is YAML too
+            data = yaml.safe_load(text) or {}
+    except ImportError as exc:
+        raise UserError(f"reading {path.suffix} recipes needs the {exc.name} module") from None
+    except Exception as exc:
+        raise UserError(f"cannot parse recipe {path}: {str(exc).splitlines()[0][:200]}") from None
+    if isinstance(data, dict) and "override" in data and "overrides" not in data:
+        data["overrides"] = data.pop("override")  # [[override]] reads better in TOML than [[overrides]]
+    return config_from_dict(data)
+
+
+def recipe_json(config: QuantConfig) -> str:
+    return json.dumps(asdict(config), sort_keys=True)
+
+
+def recipe_toml(config: QuantConfig) -> str:
+    """The config as a TOML recipe that load_recipe() reads back into an equal config."""
+    return "\n".join(_toml_lines(asdict(config), "")).lstrip("\n") + "\n"
+
+
+def _toml_lines(table: dict, prefix: str) -> list[str]:
+    def is_table_list(value) -> bool:
+        return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, dict) for v in value)
+
+    lines = [f"{key} = {_toml_value(value)}" for key, value in table.items()
+             if value is not None and not isinstance(value, dict) and not is_table_list(value)]
+    for key, value in table.items():
+        if isinstance(value, dict):
+            lines += ["", f"[{prefix}{key}]", *_toml_lines(value, f"{prefix}{key}.")]
+        elif is_table_list(value):
+            for item in value:
+                lines += ["", f"[[{prefix}{key}]]", *_toml_lines(item, f"{prefix}{key}.")]
+    return lines
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic strings
+    return repr(value)

@@ -10,7 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `tools` lives at the root
 
 from tools import ocr_data  # noqa: E402
-from tools.bench_lib import metrics, tasks  # noqa: E402
+from tools.bench_lib import methods, metrics, tasks  # noqa: E402
+from tools.bench_lib.calib_files import read_calibration, write_calibration  # noqa: E402
 
 
 def test_rec_lines_are_deterministic_per_split():
@@ -92,6 +93,25 @@ def test_int8_weight_fraction_counts_elements():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12])],
                               [quantized, float_weight, scale])
     assert metrics.int8_weight_fraction(helper.make_model(graph)) == pytest.approx(8 / (8 + 24))
+
+
+def test_calibration_files_round_trip(tmp_path):
+    single = {"x": np.arange(6, dtype=np.float32).reshape(3, 2)}
+    path = write_calibration(single, str(tmp_path / "one"))
+    assert path.endswith(".npy")
+    np.testing.assert_array_equal(read_calibration(path, ["x"])["x"], single["x"])
+    double = {"a": np.zeros((2, 1), np.float32), "b": np.ones((2, 3), np.float32)}
+    path = write_calibration(double, str(tmp_path / "two"))
+    assert path.endswith(".npz")
+    assert {k: v.shape for k, v in read_calibration(path, ["a", "b"]).items()} == {"a": (2, 1), "b": (2, 3)}
+
+
+def test_failing_quantizer_is_recorded_not_raised(tmp_path):
+    broken = methods.Method("broken", ("-c", "print('loading'); raise SystemExit('ValueError: bad model')"))
+    stats = methods.run_quantizer(broken, "m.onnx", str(tmp_path / "out.onnx"), "c.npy", (60, 4000),
+                                  str(tmp_path / "log.txt"))
+    assert stats["returncode"] == 1 and stats["error"] == "exit 1: ValueError: bad model"
+    assert stats["peak_rss_mb"] > 0
 
 
 @pytest.mark.skipif(tasks.rapidocr_model("ch_PP-OCRv4_rec_infer.onnx") is None, reason="rapidocr not installed")

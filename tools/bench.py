@@ -41,6 +41,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per quantizer run")
     parser.add_argument("--memory-cap-mb", type=float, default=16_000.0,
                         help="a quantizer whose process tree exceeds this RSS is stopped and marked failed")
+    parser.add_argument("--from-json", nargs="+", metavar="JSON",
+                        help="measure nothing: write --out from these saved results files")
     parser.add_argument("--update-cards", action="store_true", help="write int8 top-1 into zoo card.json files")
     return parser.parse_args(argv)
 
@@ -94,8 +96,8 @@ def bench_method(task, method, work_dir, calib_path, reference, arguments) -> tu
     except Exception as error:  # noqa: BLE001 - e.g. an invalid graph; recorded, the run goes on
         return {"failed": "evaluating output: " + methods.last_line(f"{type(error).__name__}: {error}")}, None
     record.update(quantize_s=stats["wall_s"], peak_rss_mb=stats["peak_rss_mb"])
-    if stats.get("preprocess", "ok") != "ok":
-        record["notes"] = f"quant_pre_process {stats['preprocess']}; quantized the raw model"
+    if stats.get("notes"):
+        record["notes"] = "; ".join(stats["notes"])
     return record, output
 
 
@@ -128,7 +130,8 @@ def bench_task(task: tasks.Task, method_list, arguments) -> dict:
 
 
 def update_cards(task_list: list[tasks.Task], results: dict) -> None:
-    """card.json gets int8 top-1 of onnxrepq's default recipe and of onnxruntime MinMax, when they ran."""
+    """card.json gets int8 top-1 (in percent, like the card's fp32_top1) of onnxrepq's default recipe and
+    of onnxruntime MinMax, when they ran, plus where the numbers came from."""
     for task in task_list:
         if task.card_path is None or not os.path.exists(task.card_path):
             continue
@@ -137,7 +140,10 @@ def update_cards(task_list: list[tasks.Task], results: dict) -> None:
         for key, method in (("onnxrepq_int8_top1", "onnxrepq-default"), ("ort_int8_top1", "ort-minmax")):
             record = results["models"][task.name]["methods"].get(method, {})
             if "accuracy" in record:
-                card[key] = round(record["accuracy"]["top1"], 4)
+                card[key] = round(100.0 * record["accuracy"]["top1"], 2)
+        card["int8_top1_source"] = (f"{results['command']} ({results['machine']['date_utc']} UTC): calibrated on "
+                                    f"calib.npy ({len(next(iter(task.calibration.values())))} images), "
+                                    f"{len(next(iter(task.eval_inputs.values())))} test images")
         with open(task.card_path, "w") as handle:
             json.dump(card, handle, indent=2)
             handle.write("\n")
@@ -145,6 +151,8 @@ def update_cards(task_list: list[tasks.Task], results: dict) -> None:
 
 def main(argv=None) -> int:
     arguments = parse_arguments(argv)
+    if arguments.from_json:
+        return render_only(arguments.from_json, arguments.out)
     if arguments.update_cards and arguments.quick:
         print("--update-cards needs the full test split; drop --quick", file=sys.stderr)
         return 2
@@ -161,10 +169,21 @@ def main(argv=None) -> int:
         results["models"][task.name] = bench_task(task, method_list, arguments)
         with open(json_path, "w") as handle:  # after every model, so a killed run keeps what it measured
             json.dump(results, handle, indent=2)
-    report.write_markdown(results, arguments.out)
+        report.write_markdown([results], arguments.out)
     if arguments.update_cards:
         update_cards(task_list, results)
     print(f"wrote {arguments.out} and {json_path}")
+    return 0
+
+
+def render_only(json_paths: list[str], markdown_path: str) -> int:
+    """Re-render the markdown from saved results (several runs make several sections)."""
+    runs = []
+    for path in json_paths:
+        with open(path) as handle:
+            runs.append(json.load(handle))
+    report.write_markdown(runs, markdown_path)
+    print(f"wrote {markdown_path}")
     return 0
 
 

@@ -50,17 +50,22 @@ def measure(directory: Path, splits: dict, quick_count: int) -> dict:
         "deploy_fp32_top1": ort_eval.top1(directory / "deploy.onnx", test_images, test_labels),
         "ort_int8_top1": model_int8.top1,
         "ort_int8_deploy_top1": deploy_int8.top1,
-        "ort_int8_method": (
-            f"onnxruntime {ort_eval.ort.__version__} quantize_static: QDQ, per_channel=True, QUInt8 activations, "
-            f"QInt8 weights, MinMax, calibrated on all {len(calibration)} calib-split images (batches of 64); "
-            f"model.onnx: {model_int8.note}; deploy.onnx: {deploy_int8.note}"
-        ),
+        "ort_int8_method": f"{ort_eval.method_description(len(calibration))}; "
+                           f"model.onnx: {model_int8.note}; deploy.onnx: {deploy_int8.note}",
     }
 
 
-def build_card(family, spec, recipe, model, deployed, result, ops, accuracies, seed) -> card.ModelCard:
+def build_card(
+    spec: nets.NetworkSpec,
+    recipe: training.TrainingRecipe,
+    result: training.TrainingResult,
+    models: dict[str, torch.nn.Module],
+    ops: dict[str, dict[str, int]],
+    accuracies: dict,
+) -> card.ModelCard:
+    model, deployed, seed = models["model"], models["deploy"], recipe.seed
     return card.ModelCard(
-        family=family,
+        family=spec.family,
         dataset=data.describe(seed),
         onnxrepq_int8_top1=None,
         params=nets.parameter_count(model),
@@ -71,7 +76,7 @@ def build_card(family, spec, recipe, model, deployed, result, ops, accuracies, s
         network=dataclasses.asdict(spec),
         model_ops=ops["model"],
         deploy_ops=ops["deploy"],
-        command=f"python -m tools.train_zoo --family {family}" + (f" --seed {seed}" if seed else ""),
+        command=f"python -m tools.train_zoo --family {spec.family}" + (f" --seed {seed}" if seed else ""),
         **accuracies,
     )
 
@@ -82,21 +87,21 @@ def train_family(family: str, arguments: argparse.Namespace, splits: dict) -> ca
     model = nets.build_network(spec, seed=arguments.seed)
     print(f"{family}: {nets.parameter_count(model)} parameters, {recipe.epochs} epochs", flush=True)
     result = training.train(model, *splits["train"], recipe, log=lambda line: print(line, flush=True))
-    deployed = model.reparameterize()
+    models = {"model": model, "deploy": model.reparameterize()}
     directory = arguments.out / family
-    ops = {"model": export.export_model(model, directory / "model.onnx"),
-           "deploy": export.export_model(deployed, directory / "deploy.onnx")}
+    ops = {form: export.export_model(network, directory / f"{form}.onnx") for form, network in models.items()}
     np.save(directory / "calib.npy", splits["calib"][0][:SHIPPED_CALIBRATION_IMAGES])
     accuracies = measure(directory, splits, card.QUICK_TEST_COUNT)
-    model_card = build_card(family, spec, recipe, model, deployed, result, ops, accuracies, arguments.seed)
+    model_card = build_card(spec, recipe, result, models, ops, accuracies)
     card.write_card(model_card, directory)
     return model_card
 
 
 def main(argv: list[str] | None = None) -> None:
-    arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    arguments = parse_arguments(argv)
     torch.set_num_threads(arguments.threads)
-    print("command:", shlex.join(["python", "-m", "tools.train_zoo", *(sys.argv[1:] if argv is None else argv)]))
+    print("command:", shlex.join(["python", "-m", "tools.train_zoo", *argv]))
     splits = {split: data.make_split(split, seed=arguments.seed) for split in data.SPLIT_SIZES}
     for family in arguments.family:
         model_card = train_family(family, arguments, splits)

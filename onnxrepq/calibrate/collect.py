@@ -13,18 +13,34 @@ from .histogram import StreamingHistogram
 from .runner import run_tensors, session_for
 
 
-def observe(model: onnx.ModelProto, feed: Feed) -> dict[str, np.ndarray]:
-    """Run one batch and return every intermediate tensor: dtypes and shapes for the planner.
+def float_tensors(model: onnx.ModelProto, feed: Feed) -> set[str]:
+    """Names of the float32 tensors the graph computes, for the planner.
 
-    Shape inference gives up on dynamic dims and unknown ops; a real run does not.
+    Types come from onnx shape inference; the tensors it leaves untyped (unknown ops, dynamic
+    control flow) are observed in a real onnxruntime run of one batch. Only those are fetched,
+    so a large model does not hold every intermediate tensor in memory at once.
     """
     names = [out for node in model.graph.node for out in node.output if out]
+    known = _inferred_types(model)
+    unknown = [name for name in names if name not in known]
     try:
-        session = session_for(model, names)
-        values = session.run(names, feed)
+        session = session_for(model, unknown)
+        values = session.run([o.name for o in model.graph.output] + unknown, feed)
     except Exception as exc:
         raise ModelError(f"onnxruntime cannot run the model on the calibration data: {_first_line(exc)}") from None
-    return dict(zip(names, values))
+    observed = dict(zip([o.name for o in model.graph.output] + unknown, values))
+    result = {name for name, elem in known.items() if elem == onnx.TensorProto.FLOAT}
+    result |= {name for name in unknown if np.asarray(observed[name]).dtype == np.float32}
+    return result
+
+
+def _inferred_types(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:
+        return {}
+    values = list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
+    return {v.name: v.type.tensor_type.elem_type for v in values if v.type.tensor_type.elem_type}
 
 
 def collect_histograms(model: onnx.ModelProto, tensors: Sequence[str], calibration: CalibrationSet,

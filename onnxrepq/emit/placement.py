@@ -71,27 +71,36 @@ def plan_quantization(graph: gs.Graph, rules: TargetRules, float_tensors: set[st
         for tensor in activations:
             mark(tensor)
         output = _absorbed_output(graph, node, rules)
-        if not is_graph_output(output, graph):
+        if rules.quantize_anchor_outputs and not is_graph_output(output, graph):
             mark(output)
         anchors_done.add(node.name)
+    if rules.quantize_residual_inputs:
+        for tensor in _residual_inputs(graph, anchors_done):
+            mark(tensor)
 
     changed = True
     while changed:
         changed = False
         for node in graph.nodes:
-            if not node.outputs or node.outputs[0].name in quantized or _kept_float(node, keep_float):
+            if len(node.outputs) != 1 or node.outputs[0].name in plan.shared or _kept_float(node, keep_float):
                 continue
             output = node.outputs[0]
             inputs = [t for t in node.inputs if not isinstance(t, gs.Constant) and t.name]
-            if not inputs or any(t.name not in quantized for t in inputs) or output.name not in float_tensors:
+            if not inputs or any(t.name not in float_tensors for t in [output, *inputs]):
                 continue
             if is_graph_output(output, graph) or not _feeds_integer_op(output, rules, quantized, keep_float):
                 continue
-            if node.op in rules.passthrough_ops and len(node.outputs) == 1:
-                plan.shared[output.name] = inputs[0].name
-            elif node.op not in rules.int8_ops or len(node.outputs) != 1:
+            pending = [t for t in inputs if t.name not in quantized]
+            if pending and not (node.op in rules.int8_ops and all(
+                    _float_activation_output(t, graph, rules, quantized, keep_float) for t in pending)):
                 continue
-            quantized.setdefault(output.name)
+            if node.op in rules.passthrough_ops:
+                # also when an anchor already asked for the output: the pair drops only with equal params
+                plan.shared[output.name] = inputs[0].name
+            elif node.op not in rules.int8_ops or (output.name in quantized and not pending):
+                continue
+            for tensor in pending + [output]:
+                quantized.setdefault(tensor.name)
             changed = True
     plan.activations = list(quantized)
     return plan
@@ -104,6 +113,35 @@ def _feeds_integer_op(tensor: gs.Tensor, rules: TargetRules, quantized, keep_flo
         if consumer.op in rules.anchors or consumer.op in rules.int8_ops or consumer.op in rules.passthrough_ops:
             return True
     return False
+
+
+def _float_activation_output(tensor: gs.Tensor, graph: gs.Graph, rules: TargetRules, quantized, keep_float) -> bool:
+    """Whether ``tensor`` is the only output of a one-input float op (HardSigmoid, ...) on quantized data.
+
+    Quantizing it costs one Q/DQ and lets the integer op it feeds (the Mul of an SE block or a
+    HardSwish, x * HardSigmoid(...)) take all-quantized inputs and become a QLinear op.
+    """
+    node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if node is None or node.op in rules.anchors or len(node.outputs) != 1 or is_graph_output(tensor, graph):
+        return False
+    inputs = [t for t in node.inputs if not isinstance(t, gs.Constant) and t.name]
+    return len(inputs) == 1 and inputs[0].name in quantized and not _kept_float(node, keep_float)
+
+
+def _residual_inputs(graph: gs.Graph, quantized_anchors: set[str]) -> list[gs.Tensor]:
+    """The identity input of each Add whose other input a quantized conv writes directly.
+
+    TensorRT fuses such an Add into the conv's epilogue when the identity input is quantized and
+    the conv-to-Add edge is not (TensorRT developer guide, "Q/DQ layer-placement recommendations").
+    """
+    found = []
+    for node in graph.nodes:
+        if node.op != "Add" or len(node.inputs) != 2 or any(isinstance(t, gs.Constant) for t in node.inputs):
+            continue
+        from_conv = [len(t.inputs) == 1 and t.inputs[0].name in quantized_anchors for t in node.inputs]
+        if any(from_conv):
+            found.append(node.inputs[1] if from_conv[0] else node.inputs[0])
+    return found
 
 
 def _kept_float(node: gs.Node, patterns: tuple[str, ...]) -> bool:

@@ -1,13 +1,26 @@
 """What each runtime turns into integer kernels: the facts the placement rules are built on.
 
 onnxruntime CPU (its QDQ selectors, onnxruntime/core/optimizer/qdq_transformer/selectors_actions):
-- DQ -> Conv -> Q becomes QLinearConv; it needs the weight per-channel on axis 0 and the output Q.
-- DQ -> MatMul -> Q becomes QLinearMatMul; DQ -> Gemm -> Q becomes QGemm.
-- DQ -> {Add, Mul, Concat, AveragePool, GlobalAveragePool, Sigmoid, LeakyRelu} -> Q become QLinear ops.
-- Data-movement ops between DQ and Q with equal scale and zero point drop the pair and run on
-  uint8 directly (Reshape, Transpose, Squeeze, Unsqueeze, Flatten, MaxPool, Resize, Gather...).
-- Relu and Clip before Q are removed when the Q range lies inside theirs (zero point at type min).
+- DQ -> Conv -> Q with per-channel axis-0 int8 weights becomes QLinearConv (u8 or s8 activations).
+- DQ -> Gemm -> (Q) becomes QGemm, with or without the output Q.
+- DQ -> MatMul with a per-column (axis 1) int8 weight becomes QLinearMatMul, MatMulIntegerToFloat without Q.
+- DQ -> {Add, Mul} -> Q become QLinearAdd / QLinearMul.
+- MaxPool, Reshape, Transpose between DQ and Q with equal scale and zero point run on uint8 (the
+  pair is dropped); with different params they stay float between DQ and Q.
+- Relu before Q is removed when the zero point is the type minimum (with 128 the conv stays float);
+  Clip(0, 6) likewise, only when the Q range lies inside [0, 6].
+- A DQ shared by two consumers is as good as one DQ each (both convs become QLinearConv).
+- ConvTranspose stays float whatever its weight layout; HardSwish and HardSigmoid stay float.
+Each line above: checked on onnxruntime 1.32 by tests/emit/test_ort_cpu_rules.py.
+Concat, AveragePool, GlobalAveragePool, Sigmoid, LeakyRelu and Resize are from the selector
+source, not checked by a test here (QLinearConcat and QLinearGlobalAveragePool do appear in the
+optimized mobile net of that test).
 u8 activations with s8 weights: 3.5x faster than fp32 for a 3x3 conv on this CPU; s8 x s8 0.8x.
+
+TensorRT (developer guide, Q/DQ layer placement): int8 symmetric activations, per-output-channel
+weights, Q/DQ on weighted-layer inputs and on a residual Add's identity input, float biases.
+Layout checked on onnxruntime 1.32 CPU (runs, SQNR floor) by tests/emit/test_tensorrt_target.py;
+not checked against TensorRT itself (no GPU here).
 """
 from __future__ import annotations
 
@@ -27,6 +40,12 @@ class TargetRules:
     absorbed_activations: frozenset[str]
     signed_activations: bool
     symmetric_activations: bool
+    # Quantize an anchor's output: QLinearConv needs the Q after the conv; TensorRT does not.
+    quantize_anchor_outputs: bool = True
+    # Quantize the identity input of an Add fed by a quantized conv (TensorRT's residual fusion).
+    quantize_residual_inputs: bool = False
+    # Store biases as int32 behind a DequantizeLinear (QLinearConv/QGemm); TensorRT wants float.
+    int32_bias: bool = True
 
 
 ORT_CPU = TargetRules(
@@ -47,6 +66,9 @@ TENSORRT = TargetRules(
     absorbed_activations=frozenset({"Relu", "Clip"}),
     signed_activations=True,
     symmetric_activations=True,
+    quantize_anchor_outputs=False,
+    quantize_residual_inputs=True,
+    int32_bias=False,
 )
 
 TARGETS = {rules.name: rules for rules in (ORT_CPU, TENSORRT)}

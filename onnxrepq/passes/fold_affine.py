@@ -71,9 +71,9 @@ class FoldAffineIntoConv:
     Rules:
     1. conv -> affine, the conv output read by nothing else: scale the output channels of the
        weight and bias. Covers BatchNormalization and PP-LCNet's learnable scalar Mul/Add.
-    2. affine -> Conv without padding, the affine output read by that conv alone: scale the input
-       channels and push the shift through the kernel into the bias. With padding this is not exact
-       (the border would see shift instead of zero), so padded convs are left alone.
+    2. affine -> Conv, the affine output read by that conv alone: scale the input channels and push
+       the shift through the kernel into the bias. A shift folds only into unpadded convs (the zero
+       border would see the shift otherwise); a pure scale folds into any conv, as 0 * a = 0.
     ConvTranspose folds only for group 1; Gemm only for a constant B.
     """
 
@@ -125,7 +125,7 @@ class FoldAffineIntoConv:
 
     def _fold_preceding(self, graph: gs.Graph, conv: gs.Node) -> bool:
         weights = _weights(conv)
-        if weights is None or not _unpadded(conv):
+        if weights is None:
             return False
         prev = conv.inputs[0].inputs[0] if len(conv.inputs[0].inputs) == 1 else None
         if prev is None or sole_consumer(prev.outputs[0], graph) is not conv or len(prev.outputs) != 1:
@@ -137,6 +137,8 @@ class FoldAffineIntoConv:
         source = activation_input(prev)
         if affine is None or not can_bypass(graph, prev, source):
             return False
+        if np.any(affine.shift != 0) and not _unpadded(conv):
+            return False  # the zero border would see the shift; a pure scale keeps 0 at 0
         out_channels = weight.shape[0]
         per_group_out = out_channels // groups
         per_group_in = weight.shape[1]

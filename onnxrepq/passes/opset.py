@@ -31,10 +31,38 @@ class UpgradeOpset:
         model = gs.export_onnx(graph)
         try:
             converted = version_converter.convert_version(model, self.min_opset)
+            note = f"opset {current} -> {self.min_opset}"
         except Exception as exc:
-            raise ModelError(f"cannot upgrade the model from opset {current} to {self.min_opset}"
-                             f" (needed for per-channel weights): {str(exc).splitlines()[0][:200]}") from None
+            changed = _ops_changed_since(model, current, self.min_opset)
+            if changed:
+                raise ModelError(f"cannot upgrade the model from opset {current} to {self.min_opset}"
+                                 f" (needed for per-channel weights): {str(exc).splitlines()[0][:200]}") from None
+            # The converter has no adapter for some op, but no op in this graph changed its
+            # definition between the two opsets: the same graph is valid at the new number.
+            converted = model
+            _set_default_opset(converted, self.min_opset)
+            note = f"opset {current} -> {self.min_opset} (renumbered: no op in the graph changed)"
         if converted.ir_version < 7:
             converted.ir_version = 7
         new_graph = gs.import_onnx(converted)
-        return PassResult(new_graph, True, [f"opset {current} -> {self.min_opset}"])
+        return PassResult(new_graph, True, [note])
+
+
+def _ops_changed_since(model: onnx.ModelProto, old: int, new: int) -> list[str]:
+    changed = []
+    for op in sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")}):
+        try:
+            before = onnx.defs.get_schema(op, old).since_version
+            after = onnx.defs.get_schema(op, new).since_version
+        except Exception:
+            changed.append(op)
+            continue
+        if before != after:
+            changed.append(op)
+    return changed
+
+
+def _set_default_opset(model: onnx.ModelProto, version: int) -> None:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = version

@@ -177,10 +177,11 @@ def _affine_then_pointwise(group):
     return nodes, {"x": ["n", C, 6, 6]}, inits | {"s": weights(1, C, 1, 1), "t": weights(1, C, 1, 1)}, ["Conv"]
 
 
-def _mul_before_padded_conv():
+def _affine_before_padded_conv(op):
+    """A scale folds into a padded conv (0 * a = 0); a shift would reach the zero border."""
     conv, inits = _conv(source="m", out="y")
-    nodes = [helper.make_node("Mul", ["x", "s"], ["m"])] + conv
-    return nodes, {"x": ["n", C, 6, 6]}, inits | {"s": positive(1, C, 1, 1)}, ["Mul", "Conv"]
+    nodes = [helper.make_node(op, ["x", "s"], ["m"])] + conv
+    return nodes, {"x": ["n", C, 6, 6]}, inits | {"s": positive(1, C, 1, 1)}, ["Conv"] + (["Add"] if op == "Add" else [])
 
 
 def _constant_first(op):
@@ -205,7 +206,8 @@ AFFINE_CASES = {
     "conv_transpose_bn": _conv_transpose_bn,
     "mul_add_pointwise_conv": lambda: _affine_then_pointwise(1),
     "mul_add_grouped_pointwise_conv": lambda: _affine_then_pointwise(2),
-    "not_mul_before_padded_conv": _mul_before_padded_conv,
+    "mul_before_padded_conv": lambda: _affine_before_padded_conv("Mul"),
+    "not_add_before_padded_conv": lambda: _affine_before_padded_conv("Add"),
     "not_sub_constant_first": lambda: _constant_first("Sub"),
     "not_div_constant_first": lambda: _constant_first("Div"),
     "not_conv_output_used_twice": _conv_output_used_twice,

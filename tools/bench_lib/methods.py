@@ -39,7 +39,7 @@ def child_environment() -> dict:
 
 def run_quantizer(method: Method, model: str, output: str, calib: str, limits: tuple[float, float],
                   log_path: str) -> dict:
-    """Returns {returncode, wall_s, peak_rss_mb, error?, preprocess?}; `error` is set when no model came out.
+    """Returns {returncode, wall_s, peak_rss_mb, error?, notes?}; `error` is set when no model came out.
 
     limits: (timeout in seconds, memory cap in MB) for the quantizer's process tree.
     """
@@ -71,11 +71,12 @@ def last_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     errors = [line for line in lines if "error" in line.lower() or "exception" in line.lower()]
     chosen = (errors or lines or ["(no output)"])[-1]
-    return chosen[:200]
+    # onnxruntime puts the reason at the end of long messages: keep both ends
+    return chosen if len(chosen) <= 240 else chosen[:100] + " ... " + chosen[-135:]
 
 
 def json_notes(log_text: str) -> dict:
-    """A child may print one JSON object as its last line (ort_quantize reports its pre-processing)."""
+    """A child may print one JSON object as its last line (ort_quantize reports {"notes": [...]})."""
     lines = [line for line in log_text.splitlines() if line.strip()]
     if lines and lines[-1].startswith("{"):
         try:

@@ -2,8 +2,9 @@
 
 Usage: python -m tools.bench_lib.ort_quantize MODEL OUT CALIB {minmax,percentile}
 QDQ, per-channel, QUInt8 activations, QInt8 weights. ORT's documented recipe runs `quant_pre_process`
-(shape inference + optimisation) first; it fails on some exported graphs, so we fall back to the raw
-model and print the reason as JSON on the last stdout line for the bench to record.
+(shape inference + optimisation) first; it fails on some exported graphs, so we retry without symbolic
+shape inference, then fall back to the raw model, and print what happened as JSON on the last stdout
+line for the bench to record. Opset < 13 models are converted to 13 first (see upgrade_opset).
 """
 import json
 import os
@@ -12,11 +13,13 @@ import tempfile
 import traceback
 
 import onnx
+import onnx.version_converter
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quant_pre_process, quantize_static)
 
 from tools.bench_lib.calib_files import read_calibration
 
+PER_CHANNEL_OPSET = 13
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
 
 
@@ -40,14 +43,39 @@ class ArrayReader(CalibrationDataReader):
 
 
 def preprocess(model_path: str, work_dir: str) -> tuple[str, str]:
-    """Returns (model to quantize, 'ok' or 'failed: <reason>')."""
+    """Returns (model to quantize, 'ok' or what went wrong).
+
+    Paddle exports keep weights in Constant nodes; only pre-processing (onnxruntime's optimiser) turns
+    them into initializers, and the quantizer treats weights that are not initializers as activations.
+    So when symbolic shape inference fails we retry without it before giving up on pre-processing.
+    """
     output = os.path.join(work_dir, "preprocessed.onnx")
+    problems = []
+    for skip_symbolic_shape in (False, True):
+        try:
+            quant_pre_process(model_path, output, skip_symbolic_shape=skip_symbolic_shape)
+            onnx.checker.check_model(output)
+        except Exception as error:  # noqa: BLE001 - any failure means "try the next option", which we record
+            problems.append(one_line(error))
+            continue
+        return output, "ok" if not problems else f"ok only with skip_symbolic_shape ({problems[0]})"
+    return model_path, "failed: " + "; then ".join(problems) + "; quantized the raw model"
+
+
+def upgrade_opset(model_path: str, work_dir: str) -> tuple[str, str | None]:
+    """Per-channel QDQ needs DequantizeLinear's `axis` (opset 13); onnxruntime's quantizer writes it into
+    an opset 11/12 model anyway, and onnxruntime then refuses to load the result ("Unrecognized attribute:
+    axis"). Returns (model path, note or None when nothing was needed)."""
+    model = onnx.load(model_path)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset >= PER_CHANNEL_OPSET:
+        return model_path, None
+    output = os.path.join(work_dir, "opset13.onnx")
     try:
-        quant_pre_process(model_path, output)
-        onnx.checker.check_model(output)
-        return output, "ok"
-    except Exception as error:  # noqa: BLE001 - any failure means "use the raw model", which we record
-        return model_path, "failed: " + one_line(error)
+        onnx.save(onnx.version_converter.convert_version(model, PER_CHANNEL_OPSET), output)
+    except Exception as error:  # noqa: BLE001 - recorded; the quantizer then gets the old opset
+        return model_path, f"opset {opset} -> {PER_CHANNEL_OPSET} conversion failed: {one_line(error)}"
+    return output, f"converted opset {opset} -> {PER_CHANNEL_OPSET} for per-channel QDQ"
 
 
 def one_line(error: BaseException) -> str:
@@ -64,10 +92,12 @@ def main(model_path: str, output_path: str, calib_path: str, method: str) -> Non
     arrays = read_calibration(calib_path, input_names)
     with tempfile.TemporaryDirectory() as work_dir:
         source, status = preprocess(model_path, work_dir)
+        source, opset_note = upgrade_opset(source, work_dir)
+        notes = [f"quant_pre_process {status}"] if status != "ok" else []
         quantize_static(source, output_path, ArrayReader(arrays), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CALIBRATION_METHODS[method])
-    print(json.dumps({"preprocess": status}))
+    print(json.dumps({"notes": notes + ([opset_note] if opset_note else [])}))
 
 
 if __name__ == "__main__":

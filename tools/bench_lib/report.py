@@ -52,19 +52,26 @@ def model_table(name: str, model_result: dict) -> list[str]:
     return lines + [""] + [f"- {note}" for note in model_result.get("notes", [])] + [""]
 
 
-def write_markdown(results: dict, path: str) -> None:
+def run_section(results: dict) -> list[str]:
     machine = results["machine"]
-    lines = ["# Benchmarks", "", "Produced by:", "", "```", results["command"], "```", "",
+    lines = ["Produced by:", "", "```", results["command"], "```", "",
              f"Machine: {machine['cpu']}, {machine['cores']} cores, onnxruntime {machine['onnxruntime']}, "
              f"Python {machine['python']}, {machine['date_utc']} UTC, 1-min load average at start "
              f"{machine['load_1min_at_start']}. Latency: onnxruntime CPU, {results['settings']['threads']} intra-op "
-             f"threads, graph optimisation ALL, median of {results['settings']['latency_runs']} runs after warm-up, "
-             "batch 1; speed-up = FP32 latency / method latency. The machine is shared, so latencies are noisy.",
+             f"threads, graph optimisation ALL, batch 1, median of {results['settings']['latency_runs']} runs "
+             "after warm-up, all methods of a model timed in turns; speed-up = FP32 latency / method latency. "
+             "The machine is shared, so absolute latencies are noisy.",
              "", results["settings"]["description"], ""]
-    for note in results.get("notes", []):
-        lines.append(f"- {note}")
-    lines.append("")
+    lines += [f"- {note}" for note in results.get("notes", [])] + [""]
     for name, model_result in results["models"].items():
         lines += model_table(name, model_result)
+    return lines
+
+
+def write_markdown(runs: list[dict], path: str) -> None:
+    """One section per bench run (a full run plus, say, a later zoo-only run)."""
+    lines = ["# Benchmarks", ""]
+    for results in runs:
+        lines += run_section(results)
     with open(path, "w") as handle:
         handle.write("\n".join(lines))

@@ -45,7 +45,7 @@ def render_range(split: str, start: int, stop: int, seed: int = 0) -> np.ndarray
 
 
 def render_split(split: str, count: int, seed: int = 0, workers: int = 1) -> np.ndarray:
-    if workers <= 1 or count < 2048:
+    if workers <= 1:
         return render_range(split, 0, count, seed)
     bounds = np.linspace(0, count, workers * 4 + 1).astype(int)
     with ProcessPoolExecutor(workers) as pool:
@@ -85,17 +85,18 @@ def make_split(
     split: str,
     count: int | None = None,
     seed: int = 0,
-    cache_dir: Path | None | str = "default",
+    use_cache: bool = True,
+    cache_dir: Path | None = None,
     workers: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(images float32 NCHW normalised, labels int64) for the first `count` samples of `split`.
 
-    Pass cache_dir=None to render without touching the disk cache.
+    The cache lives in cache_dir, else $ONNXREPQ_CACHE/zoo-data, else ~/.cache/onnxrepq/zoo-data.
     """
     if split not in SPLIT_SIZES:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_SIZES)}")
     count = SPLIT_SIZES[split] if count is None else count
-    directory = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
+    directory = (Path(cache_dir) if cache_dir else default_cache_dir()) if use_cache else None
     images = load_or_render(split, count, seed, directory, workers)
     labels = np.array([label_of(index) for index in range(count)], dtype=np.int64)
     return normalise(images), labels

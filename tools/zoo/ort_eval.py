@@ -67,6 +67,11 @@ def preprocess(model_path: Path, output_path: Path) -> tuple[bool, str]:
         return False, f"quant_pre_process failed ({type(error).__name__}: {error}); quantize_static ran on the raw model"
 
 
+def method_description(calibration_count: int) -> str:
+    return (f"onnxruntime {ort.__version__} quantize_static: QDQ, per_channel=True, QUInt8 activations, "
+            f"QInt8 weights, MinMax, calibrated on all {calibration_count} calib-split images (batches of 64)")
+
+
 def ort_int8_top1(model_path: Path, calibration: np.ndarray, images: np.ndarray, labels: np.ndarray) -> OrtInt8Result:
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
