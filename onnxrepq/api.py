@@ -67,8 +67,10 @@ def normalization_passes(config: Optional[QuantConfig] = None) -> list:
         FoldConstants(),
         Cleanup(),
         *fusion,
-        FoldAffineIntoConv(),
+        # HardSwish first: its "/ 6" is a scale the affine folding would otherwise take into
+        # the next conv, leaving a pattern nobody recognises.
         FuseHardSwish(),
+        FoldAffineIntoConv(),
         Cleanup(),
         NameNodes(),
     ]

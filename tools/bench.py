@@ -4,6 +4,7 @@
     python tools/bench.py --quick             # fewer samples, small det pages, no percentile: minutes
     python tools/bench.py --recipes none      # FP32 and onnxruntime baselines only
     python tools/bench.py --update-cards      # also write int8 top-1 into each zoo card.json
+    python tools/bench.py --from-json A.json B.json   # re-render BENCHMARKS.md from saved runs
 
 Every quantizer runs in a fresh child process (tools/bench_lib/measure.py) so its wall time and peak
 memory are its own; all methods read the same calibration file. A failing method is recorded as
