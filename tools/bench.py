@@ -43,7 +43,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--memory-cap-mb", type=float, default=16_000.0,
                         help="a quantizer whose process tree exceeds this RSS is stopped and marked failed")
     parser.add_argument("--from-json", nargs="+", metavar="JSON",
-                        help="measure nothing: write --out from these saved results files")
+                        help="measure nothing: write --out (and --json, all runs) from these saved results files")
     parser.add_argument("--update-cards", action="store_true", help="write int8 top-1 into zoo card.json files")
     return parser.parse_args(argv)
 
@@ -152,14 +152,14 @@ def update_cards(task_list: list[tasks.Task], results: dict) -> None:
 
 def main(argv=None) -> int:
     arguments = parse_arguments(argv)
+    json_path = arguments.json or os.path.splitext(arguments.out)[0] + ".json"
     if arguments.from_json:
-        return render_only(arguments.from_json, arguments.out)
+        return render_only(arguments.from_json, arguments.out, json_path)
     if arguments.update_cards and arguments.quick:
         print("--update-cards needs the full test split; drop --quick", file=sys.stderr)
         return 2
     sizes = QUICK_SIZES if arguments.quick else tasks.Sizes()
     arguments.latency_runs = arguments.latency_runs or (20 if arguments.quick else 50)
-    json_path = arguments.json or os.path.splitext(arguments.out)[0] + ".json"
     method_list = selected_methods(arguments)
     task_list, notes = build_tasks(arguments, sizes)
     results = {"command": "python tools/bench.py " + shlex.join(sys.argv[1:] if argv is None else argv),
@@ -177,14 +177,18 @@ def main(argv=None) -> int:
     return 0
 
 
-def render_only(json_paths: list[str], markdown_path: str) -> int:
-    """Re-render the markdown from saved results (several runs make several sections)."""
+def render_only(json_paths: list[str], markdown_path: str, json_path: str) -> int:
+    """Re-render the markdown from saved results; several runs make several sections and are kept
+    together in `json_path` as {"runs": [...]} (a file in that form can be read back here too)."""
     runs = []
     for path in json_paths:
         with open(path) as handle:
-            runs.append(json.load(handle))
+            saved = json.load(handle)
+        runs += saved["runs"] if "runs" in saved else [saved]
     report.write_markdown(runs, markdown_path)
-    print(f"wrote {markdown_path}")
+    with open(json_path, "w") as handle:
+        json.dump({"runs": runs}, handle, indent=2)
+    print(f"wrote {markdown_path} and {json_path}")
     return 0
 
 

@@ -108,7 +108,12 @@ class WeightQuantizer:
 
 @dataclass
 class ActivationScale:
-    """The scale constants of one group of activation quantizers that must stay equal, as one LSQ step."""
+    """The scale constants of one group of activation quantizers that must stay equal, as one LSQ step.
+
+    The step is learned relative to the searched one (s0 * p, p from 1), and without LSQ's gradient
+    scale 1/sqrt(numel * qmax): Adam divides each element's gradient by its own running magnitude,
+    so a constant factor on it would cancel.
+    """
 
     constants: list[gs.Constant]
 

@@ -6,7 +6,6 @@ import io
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -82,7 +81,8 @@ class _Recorder:
 
 
 def _config(**reconstruction) -> QuantConfig:
-    return QuantConfig(weight_bits=4, reconstruction=ReconstructionConfig(**{"iterations": ITERATIONS, **reconstruction}))
+    options = {"iterations": ITERATIONS, **reconstruction}
+    return QuantConfig(weight_bits=4, reconstruction=ReconstructionConfig(**options))
 
 
 def _sqnr(model: onnx.ModelProto, reference: np.ndarray) -> float:
