@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="how per-channel weight scales are chosen (default mse)")
     quantize.add_argument("--target", choices=TARGETS, default=None, help="default ort-cpu")
     quantize.add_argument("--seed", type=int, default=None, help="default 0")
-    quantize.add_argument("--fast", action="store_true", help="scale search only, no reconstruction")
+    quantize.add_argument("--fast", action="store_true", help="scale search only (the default for now)")
+    quantize.add_argument("--reconstruct", action="store_true",
+                          help="add block-wise reconstruction (AdaRound, LSQ steps, QPR affine; MAE loss): slower")
     quantize.add_argument("--calib-samples", type=int, default=None, help="use at most this many samples")
     quantize.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
                           help="node name or op type (glob) to leave in float; repeatable")
@@ -110,13 +112,16 @@ def _config(args) -> QuantConfig:
         raise UserError("--bits sets both widths; give either --bits or --wbits/--abits")
     if args.calib_samples is not None and args.calib_samples < 1:
         raise UserError("--calib-samples must be at least 1")
+    if args.fast and args.reconstruct:
+        raise UserError("--fast and --reconstruct contradict each other; give one")
     base = load_recipe(args.recipe) if args.recipe else QuantConfig()
     given = {
         "weight_bits": args.wbits if args.wbits is not None else args.bits,
         "activation_bits": args.abits if args.abits is not None else args.bits,
         "scale_search": args.scale_search, "weight_scale_search": args.weight_scale_search,
         "target": args.target, "seed": args.seed,
-        "fuse_branches": False if args.no_fuse else None, "fast": True if args.fast else None,
+        "fuse_branches": False if args.no_fuse else None,
+        "fast": True if args.fast else (False if args.reconstruct else None),
         "keep_float": base.keep_float + tuple(args.keep_float) if args.keep_float else None,
     }
     calibration = {"max_samples": args.calib_samples, "images": _image_preprocess(args, base.calibration.images)}

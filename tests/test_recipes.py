@@ -138,7 +138,8 @@ def test_overrides_keep_float_and_narrow_weights(files):
 
 def test_per_node_weight_bits_need_fast():
     with pytest.raises(UserError, match="fast"):
-        QuantConfig(overrides=(NodeOverride("Conv", weight_bits=4),))
+        QuantConfig(fast=False, overrides=(NodeOverride("Conv", weight_bits=4),))
+    assert QuantConfig(overrides=(NodeOverride("Conv", weight_bits=4),)).overrides[0].weight_bits == 4
 
 
 def test_metadata_is_complete_and_the_recipe_round_trips(files):

@@ -82,7 +82,7 @@ class _Recorder:
 
 def _config(**reconstruction) -> QuantConfig:
     options = {"iterations": ITERATIONS, **reconstruction}
-    return QuantConfig(weight_bits=4, reconstruction=ReconstructionConfig(**options))
+    return QuantConfig(weight_bits=4, fast=False, reconstruction=ReconstructionConfig(**options))
 
 
 def _sqnr(model: onnx.ModelProto, reference: np.ndarray) -> float:

@@ -16,7 +16,7 @@ def machine_note() -> dict:
         with open("/proc/cpuinfo") as cpuinfo:
             names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
         cpu = names[0] if names else cpu
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load = round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None
     return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
             "python": platform.python_version(), "load_1min_at_start": load,
             "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")}
@@ -57,7 +57,7 @@ def run_section(results: dict) -> list[str]:
     lines = ["Produced by:", "", "```", results["command"], "```", "",
              f"Machine: {machine['cpu']}, {machine['cores']} cores, onnxruntime {machine['onnxruntime']}, "
              f"Python {machine['python']}, {machine['date_utc']} UTC, 1-min load average at start "
-             f"{machine['load_1min_at_start']}. Latency: onnxruntime CPU, {results['settings']['threads']} intra-op "
+             f"{machine['load_1min_at_start']:.1f}. Latency: onnxruntime CPU, {results['settings']['threads']} intra-op "
              f"threads, graph optimisation ALL, batch 1, median of {results['settings']['latency_runs']} runs "
              "after warm-up, all methods of a model timed in turns; speed-up = FP32 latency / method latency. "
              "The machine is shared, so absolute latencies are noisy.",
@@ -71,6 +71,9 @@ def run_section(results: dict) -> list[str]:
 def write_markdown(runs: list[dict], path: str) -> None:
     """One section per bench run (a full run plus, say, a later zoo-only run)."""
     lines = ["# Benchmarks", ""]
+    if len(runs) > 1:
+        lines += [f"This file joins {len(runs)} bench runs (rendered with `tools/bench.py --from-json`); "
+                  "each section names its command and machine state.", ""]
     for results in runs:
         lines += run_section(results)
     with open(path, "w") as handle:
