@@ -33,7 +33,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small subset that finishes in a few minutes")
     parser.add_argument("--models", default="", help="comma-separated substrings of model names to keep")
-    parser.add_argument("--recipes", default="fast,default", help="onnxrepq recipes, comma-separated, or 'none'")
+    parser.add_argument("--recipes", default="default,reconstruct", help="onnxrepq recipes, comma-separated, or 'none'")
     parser.add_argument("--baselines", default=None,
                         help="onnxruntime calibrations (minmax,percentile) or 'none'; --quick defaults to minmax")
     parser.add_argument("--out", default=os.path.join(methods.REPO_ROOT, "BENCHMARKS.md"), help="markdown path")
@@ -142,6 +142,8 @@ def update_cards(task_list: list[tasks.Task], results: dict) -> None:
             record = results["models"][task.name]["methods"].get(method, {})
             if "accuracy" in record:
                 card[key] = round(100.0 * record["accuracy"]["top1"], 2)
+        card["ort_int8_method"] = ("onnxruntime quantize_static: QDQ, per_channel=True, QUInt8 activations, QInt8 "
+                                   "weights, MinMax (tools/bench_lib/ort_quantize.py); same calibration as onnxrepq")
         card["int8_top1_source"] = (f"{results['command']} ({results['machine']['date_utc']} UTC): calibrated on "
                                     f"calib.npy ({len(next(iter(task.calibration.values())))} images), "
                                     f"{len(next(iter(task.eval_inputs.values())))} test images")

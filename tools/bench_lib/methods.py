@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RECIPE_FLAGS = {"fast": ["--fast"], "default": []}
+RECIPE_FLAGS = {"fast": ["--fast"], "default": [], "reconstruct": ["--reconstruct"]}
 ORT_CALIBRATIONS = ("minmax", "percentile")
 ONNXREPQ_MAIN = "import sys; from onnxrepq.cli import main; sys.exit(main())"  # what the console script runs
 

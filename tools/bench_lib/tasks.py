@@ -115,15 +115,25 @@ def zoo_tasks(root: str, sizes: Sizes) -> tuple[list[Task], str | None]:
     except Exception as error:  # noqa: BLE001 - the zoo is optional for the bench
         return [], f"tools.zoo.data.make_split('test') unavailable: {type(error).__name__}: {error}"
     images, labels = np.asarray(images, dtype=np.float32), np.asarray(labels)
-    return [zoo_task(path, images, labels) for path in model_paths], None
+    tasks = []
+    for path in model_paths:
+        tasks.append(zoo_task(path, images, labels))
+        # The torch-side re-parameterized export beside it: graph-level fusion of model.onnx
+        # should quantize at least as well as this.
+        deploy = os.path.join(os.path.dirname(path), "deploy.onnx")
+        if os.path.exists(deploy):
+            tasks.append(zoo_task(deploy, images, labels))
+    return tasks, None
 
 
 def zoo_task(model_path: str, images: np.ndarray, labels: np.ndarray) -> Task:
     folder = os.path.dirname(model_path)
     calibration = np.load(os.path.join(folder, "calib.npy")).astype(np.float32)
+    deploy = os.path.basename(model_path) == "deploy.onnx"
 
     def score(outputs, _reference):
         return {"top1": metrics.top1(outputs, labels)}
 
-    return single_input_task(f"zoo/{os.path.basename(folder)}", model_path, calibration, images, score, "top1",
-                             batch_size=64, card_path=os.path.join(folder, "card.json"))
+    name = f"zoo/{os.path.basename(folder)}" + (" (torch deploy form)" if deploy else "")
+    return single_input_task(name, model_path, calibration, images, score, "top1", batch_size=64,
+                             card_path=None if deploy else os.path.join(folder, "card.json"))
