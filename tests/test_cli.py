@@ -157,3 +157,19 @@ def test_console_entry_point_help():
 def test_no_command_is_usage_error(capsys):
     assert main([]) == 2
     assert "usage" in capsys.readouterr().out
+
+
+def test_output_model_gets_ordinary_file_permissions(tmp_path):
+    """The temporary file behind the atomic write is private; the model written must not be."""
+    import os
+    import stat
+
+    from onnxrepq.graph.io import save_model_atomic
+    from tests.models_for_tests import conv_bn_model
+
+    umask = os.umask(0o022)
+    try:
+        target = save_model_atomic(conv_bn_model(), tmp_path / "model.onnx")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644

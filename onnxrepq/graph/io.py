@@ -81,6 +81,11 @@ def save_model_atomic(model: onnx.ModelProto, output: Union[str, os.PathLike]) -
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp makes the file private (0600); the model should get the permissions any new file
+    # of this user gets, so a serving process under another account can read it.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     data_name = f"{out.name}.data"
     tmp_data = out.parent / f".{data_name}.tmp"
     try:
