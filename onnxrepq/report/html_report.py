@@ -71,7 +71,7 @@ def _sqnr_chart(layers: Sequence[dict], worst: list[str]) -> str:
     colors = ["#d62728" if row["name"] in worst else "#999" if "float" in row else "#1f77b4" for row in rows]
     return svg_bars([row["sqnr_db"] for row in rows], colors,
                     [f"{row['name']} ({row['op']}): {row['sqnr_db']:.1f} dB" for row in rows],
-                    width=1100, height=260, unit="dB")
+                    width=1100, height=260, unit="dB", labels=[str(i) for i in range(1, len(rows) + 1)])
 
 
 def _worst_charts(layers: Sequence[dict], worst: list[str]) -> str:
@@ -101,13 +101,17 @@ def _figure(svg: str, caption: str) -> str:
 
 
 def svg_bars(values: Sequence[float], colors: Sequence[str], tooltips: Sequence[str], width: int = 420,
-             height: int = 160, unit: str = "") -> str:
-    """A bar chart as inline SVG (no xmlns needed inside HTML); hovering a bar shows its tooltip."""
+             height: int = 160, unit: str = "", labels: Sequence[str] = ()) -> str:
+    """A bar chart as inline SVG (no xmlns needed inside HTML); hovering a bar shows its tooltip.
+
+    ``labels`` go under the bars (the layer numbers of the table), for a printed page or a
+    screenshot, where tooltips do not exist."""
     if not values:
         return "<svg width='0' height='0'></svg>"
     top, bottom = max(max(values), 0.0), min(min(values), 0.0)
     span = (top - bottom) or 1.0
-    left, plot_height = 48, height - 20
+    label_room = 16 if labels else 0
+    left, plot_height = 48, height - 20 - label_room
     step = (width - left) / len(values)
     zero = 10 + plot_height * top / span
     bars = []
@@ -115,25 +119,30 @@ def svg_bars(values: Sequence[float], colors: Sequence[str], tooltips: Sequence[
         y, bar = (zero - plot_height * value / span, plot_height * value / span) if value >= 0 else (zero, -plot_height * value / span)
         bars.append(f"<rect x='{left + index * step:.1f}' y='{y:.1f}' width='{max(step * 0.85, 0.5):.1f}'"
                     f" height='{max(bar, 0.5):.1f}' fill='{color}'><title>{escape(tip)}</title></rect>")
+        if index < len(labels) and step >= 9:
+            bars.append(f"<text x='{left + (index + 0.42) * step:.1f}' y='{height - 4}' font-size='9'"
+                        f" text-anchor='middle'>{escape(labels[index])}</text>")
     axis = (f"<line x1='{left}' y1='{zero:.1f}' x2='{width}' y2='{zero:.1f}' stroke='#444'/>"
             f"<text x='2' y='14' font-size='11'>{top:.3g}</text>"
-            f"<text x='2' y='{height - 6}' font-size='11'>{bottom:.3g}</text>"
+            f"<text x='2' y='{height - 6 - label_room}' font-size='11'>{bottom:.3g}</text>"
             f"<text x='2' y='{height / 2:.0f}' font-size='11'>{escape(unit)}</text>")
     return f"<svg width='{width}' height='{height}' role='img'>{axis}{''.join(bars)}</svg>"
 
 
 def _layer_table(layers: Sequence[dict], worst: list[str]) -> str:
-    header = ["layer", "op", "bits", "weight scales", "weight min/max", "channel max|w| spread",
+    header = ["#", "layer", "op", "bits", "weight scales", "weight min/max", "channel max|w| spread",
               "input range", "input scale", "input ranges by", "SQNR dB"]
     rows, classes = [], []
+    charted = [row["name"] for row in layers if row.get("sqnr_db") is not None]  # the chart's numbering
     for row in layers:
+        number = charted.index(row["name"]) + 1 if row["name"] in charted else ""
         if "float" in row:
-            rows.append([row["name"], row["op"], "float", row["float"], "", "", "", "", "",
+            rows.append([number, row["name"], row["op"], "float", row["float"], "", "", "", "", "",
                          _number(row.get("sqnr_db"))])
             classes.append("float")
             continue
         input_range = row.get("input_range")
-        rows.append([row["name"], row["op"], row["weight_bits"], row["weight_scale_search"],
+        rows.append([number, row["name"], row["op"], row["weight_bits"], row["weight_scale_search"],
                      f"{row['weight_min']:.3g} / {row['weight_max']:.3g}", _spread(row["channel_absmax"]),
                      f"{input_range[0]:.3g} .. {input_range[1]:.3g}" if input_range else "",
                      _number(row.get("input_scale"), 5), row.get("input_scale_search", ""), _number(row.get("sqnr_db"))])
