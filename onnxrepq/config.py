@@ -204,8 +204,10 @@ def load_recipe(path: str | Path) -> QuantConfig:
         if path.suffix == ".toml":
             import tomllib
             data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
         else:
-            import yaml  # JSON is YAML too
+            import yaml
             data = yaml.safe_load(text) or {}
     except ImportError as exc:
         raise UserError(f"reading {path.suffix} recipes needs the {exc.name} module") from None
