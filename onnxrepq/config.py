@@ -37,6 +37,10 @@ class ReconstructionConfig:
     """Block-wise reconstruction (UWC arXiv 2201.06376, RepAPQ arXiv 2402.16121) after the scale search."""
     iterations: int = 100            # Adam steps per block (PP-OCRv4 rec: ~10 min at 64 samples, 2 cores)
     batch_size: int = 8              # calibration feeds per step
+    # Cap on the block-input elements one step reads: blocks on large feature maps (a detector at
+    # 480x480) take fewer feeds per step, so their cost stays near that of small inputs. Counted,
+    # not timed, so the result stays deterministic. PP-OCRv4 rec, cls and the zoo stay far below it.
+    max_step_elements: int = 1 << 21
     weight_lr: float = 5e-2          # AdaRound's rounding variables
     scale_lr: float = 1e-3           # LSQ activation steps, learned relative to the searched one
     affine_lr: float = 1e-3          # QPR per-channel gamma (as log) and beta
@@ -124,9 +128,10 @@ class QuantConfig:
         rec = self.reconstruction
         if rec.rounding not in ("adaround", "nearest") or rec.loss not in ("mae", "mse"):
             raise UserError(f"unknown reconstruction rounding {rec.rounding!r} or loss {rec.loss!r}")
-        if rec.iterations < 0 or rec.batch_size < 1 or rec.max_layers_per_block < 1 or not 0 <= rec.qdrop <= 1:
-            raise UserError("reconstruction needs iterations >= 0, batch size and layers per block >= 1,"
-                            " qdrop in [0, 1]")
+        if rec.iterations < 0 or rec.batch_size < 1 or rec.max_layers_per_block < 1 or not 0 <= rec.qdrop <= 1 \
+                or rec.max_step_elements < 1:
+            raise UserError("reconstruction needs iterations >= 0, batch size, layers per block and step"
+                            " elements >= 1, qdrop in [0, 1]")
 
         if not self.fast and any(o.weight_bits not in (None, self.weight_bits) for o in self.overrides):
             # The block reconstruction learns every weight on one grid; mixed widths would be rounded wrong.

@@ -121,13 +121,14 @@ class ReconstructBlocks:
         evaluate = lambda: data.loss(module, quantizers.overrides(hard=True), range(len(self.feeds)))  # noqa: E731
         with torch.no_grad():
             nearest = evaluate()
+        batch_size = _step_batch(config, [cache[name][0] for name in inputs if name in cache])
         groups = quantizers.parameter_groups(config.weight_lr, config.scale_lr, config.affine_lr)
         if groups and iterations:
             optimizer = torch.optim.Adam(groups)
             warmup = int(0.2 * iterations)
             with Progress(f"reconstructing {name}", total=iterations, enabled=self.progress) as bar:
                 for step in range(iterations):
-                    picked = torch.randperm(len(self.feeds), generator=generator)[:config.batch_size].tolist()
+                    picked = torch.randperm(len(self.feeds), generator=generator)[:batch_size].tolist()
                     mix = (lambda t, f: _qdrop(t, f, config.qdrop, generator)) if config.qdrop > 0 else None
                     loss = data.loss(module, quantizers.overrides(hard=False), picked, mix)
                     if step >= warmup and quantizers.weights and adaround:
@@ -140,6 +141,12 @@ class ReconstructBlocks:
         with torch.no_grad():
             learned = evaluate()
         return quantizers, (float(nearest), float(learned))
+
+
+def _step_batch(config, first_feed_inputs: Sequence[np.ndarray]) -> int:
+    """Feeds per step: ``batch_size``, fewer where one feed's block inputs are large."""
+    per_feed = max(1, sum(int(np.asarray(value).size) for value in first_feed_inputs))
+    return max(1, min(config.batch_size, config.max_step_elements // per_feed))
 
 
 def _comparable(graph: gs.Graph, outputs: Sequence[str]) -> list[str]:

@@ -174,3 +174,15 @@ def test_determinism_context_restores_torch_settings():
     with learn._deterministic(3):
         assert torch.are_deterministic_algorithms_enabled()
     assert not torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() == threads
+
+
+def test_large_block_inputs_take_fewer_feeds_per_step():
+    """The step cap counts elements, so a detector-sized block gets a smaller batch deterministically."""
+    from onnxrepq.reconstruct.learn import _step_batch
+
+    config = ReconstructionConfig(batch_size=8, max_step_elements=1 << 21)
+    small = [np.zeros((1, 3, 48, 320), np.float32)]     # PP-OCRv4 rec input: full batch
+    large = [np.zeros((1, 16, 240, 240), np.float32)]   # det at 480x480 after the stem
+    assert _step_batch(config, small) == 8
+    assert _step_batch(config, large) == 2
+    assert _step_batch(ReconstructionConfig(max_step_elements=1), large) == 1
