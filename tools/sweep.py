@@ -141,6 +141,14 @@ def quantize_in_child(model_path: str, output_path: str, calib_path: str, timeou
                                  (timeout_s, memory_cap_mb), output_path + ".log")
 
 
+def short_error(stats: dict, log_path: str, path: str, name: str) -> str:
+    """The child's error with the model's long path put as its short name before the line is cut to length."""
+    if not isinstance(stats.get("returncode"), int) or stats["returncode"] <= 0 or not os.path.exists(log_path):
+        return stats["error"]  # stopped by a limit or a signal: the wrapper's own words
+    with open(log_path, errors="replace") as log:
+        return f"exit {stats['returncode']}: {methods.last_line(log.read().replace(path, name))}"
+
+
 def sweep_model(path: str, work_dir: str, arguments) -> Row:
     """One table row; never raises: whatever goes wrong is the row's error."""
     row = Row(display_name(path))
@@ -160,7 +168,7 @@ def sweep_model(path: str, work_dir: str, arguments) -> Row:
                               arguments.memory_cap_mb)
     row.exit_code, row.quantize_s = stats.get("returncode"), stats.get("wall_s")
     if "error" in stats:
-        row.error = stats["error"].replace(path, row.model)
+        row.error = short_error(stats, output + ".log", path, row.model)
         return row
     try:
         measure_quantized(row, float_session, runtime.make_session(output), held_out, reference, arguments)

@@ -44,7 +44,25 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
     except Exception as exc:
         raise ModelError(f"{source} is rejected by the ONNX checker: {_first_line(exc)}") from None
     _reject_unknown_domains(proto, source)
+    _reject_map_values(proto, source)
     return proto
+
+
+def _reject_map_values(proto: onnx.ModelProto, source: str) -> None:
+    # onnx-graphsurgeon writes a map type (ZipMap's seq(map(...)) output) back as a tensor of
+    # undefined type, which onnxruntime then refuses to load ("Invalid tensor data type 0").
+    for value in [*proto.graph.input, *proto.graph.output]:
+        if _holds_map(value.type):
+            raise ModelError(f"{source}: graph input/output {value.name!r} is a map or a sequence of maps"
+                             " (ZipMap's output), which onnxrepq cannot carry; export the model without ZipMap")
+
+
+def _holds_map(value_type: onnx.TypeProto) -> bool:
+    if value_type.HasField("map_type"):
+        return True
+    if value_type.HasField("sequence_type"):
+        return _holds_map(value_type.sequence_type.elem_type)
+    return value_type.HasField("optional_type") and _holds_map(value_type.optional_type.elem_type)
 
 
 def _reject_unknown_domains(proto: onnx.ModelProto, source: str) -> None:
