@@ -15,17 +15,16 @@ from . import __version__
 from .calibrate.collect import collect_histograms, float_tensors
 from .calibrate.data import calibration_set, input_specs
 from .calibrate.images import ImageFolder, is_image_folder
-from .calibrate.runner import session_for
 from .config import QuantConfig
 from .emit.finalize import FoldWeightQuantizers, QuantizeBias
 from .emit.placement import plan_quantization
 from .emit.targets import TARGETS
-from .errors import ModelError
 from .graph.io import ModelLike, load_model
 from .passes.base import PassRecord, run_passes
 from .passes.cleanup import Cleanup
 from .passes.constants import ConstantsToInitializers
 from .passes.fold_affine import FoldAffineIntoConv
+from .passes.equalize import EqualizeCrossLayer
 from .passes.fold_constants import FoldConstants
 from .passes.fuse_branches import FuseParallelBranches
 from .passes.fuse_hardswish import FuseHardSwish
@@ -71,6 +70,7 @@ def normalization_passes(config: Optional[QuantConfig] = None) -> list:
         # the next conv, leaving a pattern nobody recognises.
         FuseHardSwish(),
         FoldAffineIntoConv(),
+        *([EqualizeCrossLayer()] if config.equalize else []),
         Cleanup(),
         NameNodes(),
     ]
@@ -151,7 +151,7 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
     normalized = _export(graph)
     timings["normalize"] = time.perf_counter() - started
 
-    specs = input_specs(session_for(normalized))
+    specs = input_specs(normalized)
     if is_image_folder(calibration):
         calibration = ImageFolder(calibration, config.calibration.images, specs)
     calibration_data = calibration_set(calibration, specs, config.calibration.max_samples)

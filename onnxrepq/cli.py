@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
                           help="node name or op type (glob) to leave in float; repeatable")
     quantize.add_argument("--no-fuse", action="store_true", help="do not fuse parallel conv branches")
+    quantize.add_argument("--equalize", action="store_true",
+                          help="cross-layer equalization of Conv->Relu->Conv pairs (off: no gain measured yet)")
     quantize.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
                           help="calibration images are resized to H x W (default: the model's input size)")
     quantize.add_argument("--image-mean", type=float, nargs="+", metavar="M", help="per-channel mean after 1/255")
@@ -120,7 +122,7 @@ def _config(args) -> QuantConfig:
         "activation_bits": args.abits if args.abits is not None else args.bits,
         "scale_search": args.scale_search, "weight_scale_search": args.weight_scale_search,
         "target": args.target, "seed": args.seed,
-        "fuse_branches": False if args.no_fuse else None,
+        "fuse_branches": False if args.no_fuse else None, "equalize": True if args.equalize else None,
         "fast": True if args.fast else (False if args.reconstruct else None),
         "keep_float": base.keep_float + tuple(args.keep_float) if args.keep_float else None,
     }

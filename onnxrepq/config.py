@@ -95,6 +95,9 @@ class QuantConfig:
     target: Target = "ort-cpu"
     seed: int = 0
     fuse_branches: bool = True
+    # Cross-layer equalization of Conv -> Relu -> Conv pairs. Off: with per-channel weight scales it
+    # lost 1 dB on the zoo RepVGG (26.5 -> 25.5 dB output SQNR, BENCHMARKS.md notes).
+    equalize: bool = False
     # Op types or node names kept in float whatever the planner would do.
     keep_float: tuple[str, ...] = ()
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -154,9 +157,6 @@ class QuantConfig:
                 settings.update({k: v for k, v in asdict(override).items() if k != "match" and v not in (None, False)})
         return NodeOverride(match=name, **settings)
 
-
-def config_fields() -> list[str]:
-    return [f.name for f in fields(QuantConfig)]
 
 
 # Recipes: a TOML/YAML/JSON file whose tables are these dataclasses, key for key.
@@ -222,9 +222,6 @@ def load_recipe(path: str | Path) -> QuantConfig:
         data["overrides"] = data.pop("override")  # [[override]] reads better in TOML than [[overrides]]
     return config_from_dict(data)
 
-
-def recipe_json(config: QuantConfig) -> str:
-    return json.dumps(asdict(config), sort_keys=True)
 
 
 def recipe_toml(config: QuantConfig) -> str:

@@ -12,17 +12,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+import onnx
 
 from ..errors import CalibrationError
 
 Feed = dict[str, np.ndarray]
-
-_ORT_TO_NUMPY = {
-    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
-}
-
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -37,12 +31,20 @@ class InputSpec:
         return self.shape[0] if self.shape else None
 
 
-def input_specs(session) -> list[InputSpec]:
+def input_specs(model) -> list[InputSpec]:
+    """The model's real inputs (initializers listed as inputs excluded), read from the graph: no
+    onnxruntime session is built just to ask for them."""
+    initializers = {init.name for init in model.graph.initializer}
     specs = []
-    for arg in session.get_inputs():
-        dtype = np.dtype(_ORT_TO_NUMPY.get(arg.type, np.float32))
-        shape = tuple(d if isinstance(d, int) and d > 0 else None for d in arg.shape)
-        specs.append(InputSpec(arg.name, dtype, shape))
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)) if tensor_type.elem_type \
+            else np.dtype(np.float32)
+        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                      for d in tensor_type.shape.dim)
+        specs.append(InputSpec(value.name, dtype, shape))
     return specs
 
 

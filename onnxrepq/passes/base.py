@@ -32,10 +32,6 @@ class PassRecord:
     notes: list[str]
 
 
-class PassDivergence(AssertionError):
-    """Raised in debug mode when a pass changed the graph's numbers."""
-
-
 def run_passes(
     graph: gs.Graph,
     passes: Sequence[GraphPass],

@@ -34,7 +34,7 @@ from ..passes.base import PassResult
 from ..progress import Progress
 from ..search.quant_grid import IntGrid
 from .executor import GraphModule
-from .partition import Stage, partition
+from .partition import partition
 from .quantizers import BlockQuantizers
 
 Feed = Mapping[str, np.ndarray]

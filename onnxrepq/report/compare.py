@@ -42,7 +42,7 @@ def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
 def compare_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, data, max_samples: int = 256,
                    threads: int = 0) -> Comparison:
     float_session, quant_session = _session(float_model, threads), _session(quant_model, threads)
-    feeds = calibration_set(data, input_specs(float_session), max_samples)
+    feeds = calibration_set(data, input_specs(float_model), max_samples)
     names = [o.name for o in float_session.get_outputs()]
     if names != [o.name for o in quant_session.get_outputs()]:
         raise ModelError("the two models have different outputs; compare needs the same model before and after")

@@ -9,7 +9,6 @@ import torch
 from onnx import helper
 
 from onnxrepq.calibrate.data import calibration_set, input_specs
-from onnxrepq.calibrate.runner import session_for
 from onnxrepq.errors import CalibrationError
 from tests.models_for_tests import make_model
 
@@ -19,13 +18,13 @@ SAMPLES = np.random.default_rng(1).standard_normal((6, 3, 4, 4)).astype(np.float
 @pytest.fixture(scope="module")
 def specs():
     model = make_model([helper.make_node("Relu", ["x"], ["y"])], {"x": ["n", 3, 4, 4]}, ["y"])
-    return input_specs(session_for(model))
+    return input_specs(model)
 
 
 @pytest.fixture(scope="module")
 def two_input_specs():
     model = make_model([helper.make_node("Add", ["a", "b"], ["y"])], {"a": ["n", 4], "b": ["n", 4]}, ["y"])
-    return input_specs(session_for(model))
+    return input_specs(model)
 
 
 def samples_of(source, specs, max_samples=256) -> np.ndarray:

@@ -10,7 +10,6 @@ from PIL import Image
 from onnxrepq.api import quantize_with_result
 from onnxrepq.calibrate.data import calibration_set, input_specs
 from onnxrepq.calibrate.images import ImageFolder, ImagePreprocess, is_image_folder
-from onnxrepq.calibrate.runner import session_for
 from onnxrepq.cli import main
 from onnxrepq.config import CalibrationConfig, QuantConfig
 from onnxrepq.errors import CalibrationError
@@ -33,7 +32,7 @@ def write_images(folder, count: int = 3, height: int = 8, width: int = 12) -> li
 
 def specs_for(shape):
     model = make_model([helper.make_node("Relu", ["x"], ["y"])], {"x": shape}, ["y"])
-    return input_specs(session_for(model))
+    return input_specs(model)
 
 
 def test_folder_becomes_normalised_nchw_samples(tmp_path):

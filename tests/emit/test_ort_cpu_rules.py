@@ -19,7 +19,7 @@ import collections
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import helper
 
 import onnxrepq
 from onnxrepq.config import QuantConfig

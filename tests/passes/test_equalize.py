@@ -3,7 +3,7 @@ import numpy as np
 from onnx import helper
 
 from onnxrepq.passes.equalize import EqualizeConfig, EqualizeCrossLayer
-from tests.models_for_tests import apply_passes, assert_same_outputs, make_model, weights
+from tests.models_for_tests import apply_passes, assert_same_outputs, make_model, run_ort, sqnr_db, weights
 
 
 def _pair_model(activation: str | None, groups: int = 1, channels: int = 8):
@@ -17,7 +17,7 @@ def _pair_model(activation: str | None, groups: int = 1, channels: int = 8):
         source = "a1"
     nodes.append(helper.make_node("Conv", [source, "w2"], ["y"], pads=[1, 1, 1, 1], group=groups))
     inits = {"w1": w1, "b1": weights(channels), "w2": w2}
-    return make_model(nodes, {"x": [2, 4, 9, 9]}, ["y"], inits)
+    return make_model(nodes, {"x": [2, 4, 9, 9]}, {"y": [2, w2.shape[0], 9, 9]}, inits)
 
 
 def _row_ranges(model, name_part):
@@ -64,3 +64,18 @@ def test_non_homogeneous_activations_are_left_alone():
         after, records = apply_passes(model, [EqualizeCrossLayer()])
         assert not records[0].modified
         assert not any("equalized" in init.name for init in after.graph.initializer)
+
+
+def test_equalize_option_reaches_the_pipeline_and_keeps_float_outputs():
+    import onnxrepq
+    from onnxrepq.api import normalize
+
+    model = _pair_model("Relu")
+    _, records = normalize(model, onnxrepq.QuantConfig(equalize=True))
+    assert any(r.name == "equalize" and r.modified for r in records)
+    _, records = normalize(model, onnxrepq.QuantConfig())
+    assert not any(r.name == "equalize" for r in records)
+    feeds = {"x": np.random.default_rng(4).standard_normal((2, 4, 9, 9)).astype(np.float32)}
+    quantized = onnxrepq.quantize(model, feeds["x"], onnxrepq.QuantConfig(equalize=True))
+    reference = run_ort(model, feeds)[0]
+    assert sqnr_db(reference, run_ort(quantized, feeds)[0]) > 25
