@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -12,19 +14,21 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__
+from .calibrate.channel_stats import ChannelStats, collect_channel_stats, find_outliers
 from .calibrate.collect import collect_histograms, float_tensors
 from .calibrate.data import calibration_set, input_specs
 from .calibrate.images import ImageFolder, is_image_folder
-from .config import QuantConfig
+from .config import BiasCorrectionConfig, QuantConfig
+from .emit.bias_correction import CorrectBias
 from .emit.finalize import FoldWeightQuantizers, QuantizeBias
 from .emit.placement import plan_quantization
 from .emit.targets import TARGETS
-from .graph.io import ModelLike, load_model
+from .graph.io import ModelLike, check_model, load_model
 from .passes.base import PassRecord, run_passes
 from .passes.cleanup import Cleanup
 from .passes.constants import ConstantsToInitializers
 from .passes.fold_affine import FoldAffineIntoConv
-from .passes.equalize import EqualizeCrossLayer
+from .passes.equalize import EqualizeCrossLayer, equalization_pairs
 from .passes.fold_constants import FoldConstants
 from .passes.fuse_branches import FuseParallelBranches
 from .passes.fuse_hardswish import FuseHardSwish
@@ -34,7 +38,9 @@ from .passes.opset import UpgradeOpset
 from .progress import Progress
 from .reconstruct.learn import ReconstructBlocks
 from .search.criteria import activation_range, weight_scales
-from .search.quant_grid import activation_grid, affine_params, symmetric_params, weight_grid
+from .search.mixed_precision import MixedPrecisionResult, choose_bit_widths, sensitivity_runs
+from .emit.saturation import pairs_overflow, reduced_weight_grid, resolve_weight_range
+from .search.quant_grid import IntGrid, activation_grid, affine_params, symmetric_params, weight_grid
 
 
 @dataclass
@@ -70,7 +76,6 @@ def normalization_passes(config: Optional[QuantConfig] = None) -> list:
         # the next conv, leaving a pattern nobody recognises.
         FuseHardSwish(),
         FoldAffineIntoConv(),
-        *([EqualizeCrossLayer()] if config.equalize else []),
         Cleanup(),
         NameNodes(),
     ]
@@ -80,6 +85,20 @@ def normalize(model: ModelLike, config: Optional[QuantConfig] = None) -> tuple[g
     proto = load_model(model)
     graph = gs.import_onnx(proto)
     return run_passes(graph, normalization_passes(config))
+
+
+def equalize_on_data(graph: gs.Graph, normalized: onnx.ModelProto, calibration, samples: int = 64
+                     ) -> tuple[gs.Graph, onnx.ModelProto, PassRecord]:
+    """Cross-layer equalization on the per-channel ranges of the tensors between conv pairs.
+
+    It needs the normalized float model run on data, so it runs after ``normalize`` rather than
+    inside it; ``samples`` feeds are enough for channel maxima (the range search sees them all).
+    """
+    between = [second.inputs[0].name for _, second in equalization_pairs(graph)]
+    stats = collect_channel_stats(normalized, between, itertools.islice(iter(calibration), samples))
+    ranges = {name: value.channel_absmax for name, value in stats.items() if value.channel_absmax is not None}
+    graph, (record,) = run_passes(graph, [EqualizeCrossLayer(activation_ranges=ranges)])
+    return graph, _export(graph), record
 
 
 def fuse(model: ModelLike) -> onnx.ModelProto:
@@ -155,6 +174,11 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
     if is_image_folder(calibration):
         calibration = ImageFolder(calibration, config.calibration.images, specs)
     calibration_data = calibration_set(calibration, specs, config.calibration.max_samples)
+    if config.equalize:
+        started = time.perf_counter()
+        graph, normalized, record = equalize_on_data(graph, normalized, calibration_data)
+        records.append(record)
+        timings["equalize"] = time.perf_counter() - started
     first = next(iter(calibration_data))
     rules = TARGETS[config.target]
     floats = float_tensors(normalized, first) | {spec.name for spec in specs if spec.dtype == np.float32}
@@ -162,9 +186,10 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
 
     leaders = sorted({plan.leader(name) for name in plan.activations}, key=plan.activations.index)
     started = time.perf_counter()
+    channel_stats: dict[str, ChannelStats] = {}
     with Progress("calibrating", enabled=progress) as bar:
         histograms = collect_histograms(normalized, leaders, calibration_data, config.calibration,
-                                        seed=config.seed, progress=bar.update)
+                                        seed=config.seed, progress=bar.update, channel_stats=channel_stats)
     timings["calibrate"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -178,28 +203,67 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
                              else affine_params(lo, hi, grid))
         activation_params[name] = ActivationQuant(scale, zero_point, grid)
     nodes = {node.name: node for node in graph.nodes}
-    wgrid = weight_grid(config.weight_bits)
-    weight_params = {}
+    reduce = resolve_weight_range(config.weight_range, rules.u8s8_pair_saturation)
+
+    def grid_for(bits: int) -> IntGrid:
+        full = weight_grid(bits)
+        return reduced_weight_grid(grid, full) if reduce and pairs_overflow(grid, full) else full
+
+    wgrid = grid_for(config.weight_bits)
+    if reduce and wgrid != weight_grid(config.weight_bits):
+        records.append(PassRecord("weight_range", True, [
+            f"weights held to [{wgrid.qmin}, {wgrid.qmax}] (weight range {config.weight_range}): u8 x s8 products"
+            " saturate int16 pairs in onnxruntime on x86 without VNNI"]))
+    mixed = _mixed_precision(normalized, graph, plan, calibration_data, config, grid_for, progress)
+    if mixed is not None:
+        records.append(PassRecord("mixed_precision", True, [
+            f"weights {mixed.size_mb:.3f} MB nominal, {mixed.bitops_g:.3f} G bit operations per sample"
+            + ("" if mixed.met_budget else " (budget not reached: every layer at the lowest width)"),
+            "bits per layer: " + ", ".join(f"{b} x{n}" for b, n in sorted(
+                Counter(mixed.bits.values()).items(), reverse=True))]))
+        timings["mixed_precision"] = mixed.seconds
+    weight_params, widths = {}, {}
     for slot in plan.weights:
         node = nodes[slot.node]
         settings = config.for_node(node.name, node.op)
-        node_grid = weight_grid(settings.weight_bits)
+        widths[slot.node] = mixed.bits[slot.node] if mixed is not None else settings.weight_bits
+        node_grid = grid_for(widths[slot.node])
         weight_params[slot.node] = WeightQuant(
             weight_scales(node.inputs[slot.input_index].values, slot.axis, settings.weight_scale_search, node_grid),
             slot.axis, node_grid)
     timings["search"] = time.perf_counter() - started
 
     layers = _layer_rows(graph, plan, weight_params, activation_params, config, histograms, methods)
+    for row in layers:
+        if row["name"] in widths:
+            row["nominal_bits"] = widths[row["name"]]   # what was asked; weight_bits is what the grid holds
+    _add_outliers(layers, channel_stats)
     reconstruct = [] if config.fast else [ReconstructBlocks(normalized, list(calibration_data), wgrid,
                                                             config.reconstruction, config.seed, progress)]
     started = time.perf_counter()
-    graph, emitted = run_passes(graph, [InsertQDQ(plan, activation_params, weight_params), *reconstruct,
-                                        FoldWeightQuantizers(), *([QuantizeBias()] if rules.int32_bias else [])])
+    insert = InsertQDQ(plan, activation_params, weight_params, rules.narrow_activation_clip)
+    correct = [CorrectBias(normalized, calibration_data, BiasCorrectionConfig(), config.seed, progress)
+               ] if config.bias_correction else []
+    graph, emitted = run_passes(graph, [insert, *reconstruct, *correct, FoldWeightQuantizers(),
+                                        *([QuantizeBias()] if rules.int32_bias else [])])
     timings["reconstruct_and_emit"] = time.perf_counter() - started
     records += emitted
     result = QuantizeResult(_export(graph), records, layers, timings, calibration_data.count(),
                             _hash_calibration(calibration_data), normalized, calibration_data)
     _write_metadata(result, config)
+    return result
+
+
+def _mixed_precision(normalized, graph, plan, calibration_data, config: QuantConfig, grid_for, progress: bool
+                     ) -> Optional[MixedPrecisionResult]:
+    """Per-layer widths under the recipe's budget, or None when it sets none."""
+    if not config.mixed_precision.enabled:
+        return None
+    started = time.perf_counter()
+    with Progress("mixed precision", total=sensitivity_runs(plan, config.mixed_precision), enabled=progress) as bar:
+        result = choose_bit_widths(normalized, graph, plan, calibration_data, config.mixed_precision, grid_for,
+                                   config.activation_bits, progress=bar.update)
+    result.seconds = time.perf_counter() - started
     return result
 
 
@@ -234,12 +298,23 @@ def _weight_row(node: gs.Node, slot, quant: WeightQuant, config: QuantConfig) ->
     weight = node.inputs[slot.input_index].values
     channel_absmax = np.abs(np.moveaxis(weight, slot.axis, 0).reshape(weight.shape[slot.axis], -1)).max(axis=1)
     return {"name": node.name, "op": node.op, "output": node.outputs[0].name,
-            "weight_bits": int(np.log2(quant.grid.qmax + 1)) + 1,
+            "weight_bits": int(np.log2(quant.grid.qmax + 1)) + 1, "weight_count": int(weight.size),
+            # how the width is held: every width runs in an int8 container (onnxruntime's int4 Conv
+            # dequantizes per run), narrower grids as a clipped range in it
+            "weight_storage": f"{np.dtype(quant.grid.dtype).name} [{quant.grid.qmin}, {quant.grid.qmax}]",
             "weight_scale_search": config.for_node(node.name, node.op).weight_scale_search,
             "weight_min": float(weight.min()), "weight_max": float(weight.max()),
             "weight_absmax": float(channel_absmax.max()),
             "channel_absmax": [round(float(v), 6) for v in channel_absmax],
             "input": node.inputs[0].name}
+
+
+def _add_outliers(rows: list[dict[str, Any]], channel_stats: dict[str, ChannelStats]) -> None:
+    """Which channels and calibration samples of each layer's input stand far above the rest (RepAPQ's
+    observation): shown in the report, so a poor layer can be traced to a few channels or samples."""
+    for row in rows:
+        if row.get("input_tensor") in channel_stats:
+            row.update(find_outliers(channel_stats[row["input_tensor"]]).as_row())
 
 
 def _input_row(quant: ActivationQuant, histogram, leader: str, method: str) -> dict[str, Any]:
@@ -250,6 +325,7 @@ def _input_row(quant: ActivationQuant, histogram, leader: str, method: str) -> d
     used = np.flatnonzero(coarse_counts)
     span = slice(used[0], used[-1] + 1) if len(used) else slice(0, 0)
     return {"input_tensor": leader, "input_scale": quant.scale, "input_zero_point": quant.zero_point,
+            "input_storage": f"{np.dtype(quant.grid.dtype).name} [{quant.grid.qmin}, {quant.grid.qmax}]",
             "input_scale_search": method,
             "input_range": [quant.scale * (quant.grid.qmin - quant.zero_point),
                             quant.scale * (quant.grid.qmax - quant.zero_point)],
@@ -295,7 +371,7 @@ def _export(graph: gs.Graph) -> onnx.ModelProto:
     del model.graph.value_info[:]
     model.graph.value_info.extend(kept)
     try:
-        onnx.checker.check_model(model)
+        check_model(model)  # also past 2 GiB, where onnx.checker wants a path
     except Exception as exc:
         raise RuntimeError(f"produced an invalid model: {str(exc).splitlines()[0][:200]}") from exc
     return model

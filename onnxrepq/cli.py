@@ -14,7 +14,7 @@ from dataclasses import asdict, replace
 
 from . import __version__
 from .calibrate.images import ImagePreprocess
-from .config import SCALE_SEARCHES, TARGETS, QuantConfig, load_recipe, recipe_toml
+from .config import SCALE_SEARCHES, TARGETS, WEIGHT_RANGES, QuantConfig, load_recipe, recipe_toml
 from .errors import UserError
 
 EXIT_INTERNAL, EXIT_USAGE, EXIT_GATE = 1, 2, 3
@@ -47,16 +47,30 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--weight-scale-search", choices=SCALE_SEARCHES, default=None,
                           help="how per-channel weight scales are chosen (default mse)")
     quantize.add_argument("--target", choices=TARGETS, default=None, help="default ort-cpu")
+    quantize.add_argument("--weight-range", choices=WEIGHT_RANGES, default=None,
+                          help="reduced: 8-bit weights held to [-63, 63] so onnxruntime CPUs without VNNI do not"
+                          " saturate; auto (default) reduces when this host lacks VNNI")
     quantize.add_argument("--seed", type=int, default=None, help="default 0")
     quantize.add_argument("--fast", action="store_true", help="scale search only (the default for now)")
     quantize.add_argument("--reconstruct", action="store_true",
                           help="add block-wise reconstruction (AdaRound, LSQ steps, QPR affine; MAE loss): slower")
     quantize.add_argument("--calib-samples", type=int, default=None, help="use at most this many samples")
+    quantize.add_argument("--budget-size", type=float, default=None, metavar="MB",
+                          help="mixed precision: per-layer weight widths so that weights take at most MB"
+                          " (nominal bits per weight, searched with onnxruntime)")
+    quantize.add_argument("--budget-mean-bits", type=float, default=None, metavar="B",
+                          help="mixed precision: weights take at most the size of uniform B-bit weights")
+    quantize.add_argument("--budget-bitops", type=float, default=None, metavar="G",
+                          help="mixed precision: at most G giga bit-operations (MACs x wbits x abits) per sample")
     quantize.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
                           help="node name or op type (glob) to leave in float; repeatable")
     quantize.add_argument("--no-fuse", action="store_true", help="do not fuse parallel conv branches")
     quantize.add_argument("--equalize", action="store_true",
-                          help="cross-layer equalization of Conv->Relu->Conv pairs (off: no gain measured yet)")
+                          help="cross-layer equalization of Conv->Relu->Conv pairs on calibrated channel ranges"
+                               " (off by default: a no-op on the zoo, large gains only on unbalanced nets)")
+    quantize.add_argument("--no-equalize", action="store_true", help="no cross-layer equalization, whatever the recipe")
+    quantize.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
+                          help="move each layer's mean output shift into its bias, measured on the calibration data")
     quantize.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
                           help="calibration images are resized to H x W (default: the model's input size)")
     quantize.add_argument("--image-mean", type=float, nargs="+", metavar="M", help="per-channel mean after 1/255")
@@ -114,6 +128,8 @@ def _config(args) -> QuantConfig:
         raise UserError("--bits sets both widths; give either --bits or --wbits/--abits")
     if args.calib_samples is not None and args.calib_samples < 1:
         raise UserError("--calib-samples must be at least 1")
+    if args.equalize and args.no_equalize:
+        raise UserError("--equalize and --no-equalize contradict each other; give one")
     if args.fast and args.reconstruct:
         raise UserError("--fast and --reconstruct contradict each other; give one")
     base = load_recipe(args.recipe) if args.recipe else QuantConfig()
@@ -121,14 +137,19 @@ def _config(args) -> QuantConfig:
         "weight_bits": args.wbits if args.wbits is not None else args.bits,
         "activation_bits": args.abits if args.abits is not None else args.bits,
         "scale_search": args.scale_search, "weight_scale_search": args.weight_scale_search,
-        "target": args.target, "seed": args.seed,
-        "fuse_branches": False if args.no_fuse else None, "equalize": True if args.equalize else None,
+        "target": args.target, "seed": args.seed, "weight_range": args.weight_range,
+        "fuse_branches": False if args.no_fuse else None, "equalize": True if args.equalize else (False if args.no_equalize else None),
+        "bias_correction": args.bias_correction,
         "fast": True if args.fast else (False if args.reconstruct else None),
         "keep_float": base.keep_float + tuple(args.keep_float) if args.keep_float else None,
     }
     calibration = {"max_samples": args.calib_samples, "images": _image_preprocess(args, base.calibration.images)}
     calibration = replace(base.calibration, **{k: v for k, v in calibration.items() if v is not None})
-    return replace(base, calibration=calibration, **{k: v for k, v in given.items() if v is not None})
+    budgets = {"budget_size_mb": args.budget_size, "budget_bitops_g": args.budget_bitops,
+               "budget_mean_bits": args.budget_mean_bits}
+    mixed = replace(base.mixed_precision, **{k: v for k, v in budgets.items() if v is not None})
+    return replace(base, calibration=calibration, mixed_precision=mixed,
+                   **{k: v for k, v in given.items() if v is not None})
 
 
 def _image_preprocess(args, base: ImagePreprocess | None) -> ImagePreprocess | None:
@@ -142,7 +163,7 @@ def _image_preprocess(args, base: ImagePreprocess | None) -> ImagePreprocess | N
 
 def _quantize(args) -> int:
     from .api import quantize_with_result
-    from .graph.io import check_output_path, save_model_atomic
+    from .graph.io import check_output_path, has_external_data, save_model_atomic
 
     config = _config(args)
     if args.print_recipe:
@@ -153,9 +174,12 @@ def _quantize(args) -> int:
     if missing:
         raise UserError(f"the following arguments are required: {', '.join(missing)}")
     output = check_output_path(args.output, args.model)
+    # weights shipped beside the input's graph come back beside the output's; asked before the
+    # run, as reading the graph file costs a copy of an inline model's weights
+    external_data = has_external_data(args.model)
     started = time.perf_counter()
     result = quantize_with_result(args.model, args.calib, config, progress=not args.quiet and sys.stderr.isatty())
-    save_model_atomic(result.model, output)
+    save_model_atomic(result.model, output, external_data=external_data)
     elapsed = time.perf_counter() - started
     quantized = sum(1 for row in result.layers if "weight_bits" in row)
     summary = {"output": str(output), "seconds": round(elapsed, 2), "quantized_layers": quantized,
@@ -179,10 +203,10 @@ def _quantize(args) -> int:
 
 def _fuse(args) -> int:
     from .api import fuse
-    from .graph.io import check_output_path, save_model_atomic
+    from .graph.io import check_output_path, has_external_data, save_model_atomic
 
     output = check_output_path(args.output, args.model)
-    save_model_atomic(fuse(args.model), output)
+    save_model_atomic(fuse(args.model), output, external_data=has_external_data(args.model))
     print(f"wrote {output}")
     return 0
 

@@ -14,12 +14,15 @@ from typing import Any, Literal, Mapping, Optional, Union, get_args, get_origin,
 
 from .calibrate.images import ImagePreprocess
 from .errors import UserError
+from .search.mixed_precision import MixedPrecisionConfig
 
 ScaleSearch = Literal["mae", "mse", "minmax", "percentile"]
 Target = Literal["ort-cpu", "tensorrt"]
+WeightRange = Literal["auto", "full", "reduced"]
 
 SCALE_SEARCHES: tuple[str, ...] = ("mae", "mse", "minmax", "percentile")
 TARGETS: tuple[str, ...] = ("ort-cpu", "tensorrt")
+WEIGHT_RANGES: tuple[str, ...] = ("auto", "full", "reduced")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,27 @@ class ReconstructionConfig:
     stage_iterations: int = 50
     qdrop: float = 0.0               # probability of taking an input element from the float model
     loss: Literal["mae", "mse"] = "mae"
+
+
+@dataclass(frozen=True)
+class BiasCorrectionConfig:
+    """Empirical bias correction (emit/bias_correction.py): each layer's mean output shift moved into its bias."""
+    max_samples: int = 64          # calibration samples run through both models per level
+    # 0: one onnxruntime pass per dependency level, so a layer is measured after every layer it
+    # depends on was corrected. A cap merges neighbouring levels (fewer passes) and counts their
+    # shifts twice: on the zoo at 4-bit weights 4 bands for 10 levels lost 1-12 dB to 10.
+    max_bands: int = 0
+    # Where the float and quantized means are matched: at the layer output, or after the Relu/Clip
+    # that is its only consumer (noise around zero raises a Relu's mean even when the
+    # pre-activation mean is right). "activation": up to 3.4 dB better on the zoo at 4-bit weights.
+    measure: Literal["layer", "activation"] = "activation"
+    values_per_channel: int = 4096   # quantized values kept per channel to solve the post-activation shift
+
+    def __post_init__(self) -> None:
+        if self.max_samples < 1 or self.max_bands < 0 or self.values_per_channel < 1:
+            raise UserError("bias correction needs max_samples, values_per_channel >= 1 and max_bands >= 0")
+        if self.measure not in ("layer", "activation"):
+            raise UserError(f"bias correction measure must be 'layer' or 'activation', got {self.measure!r}")
 
 
 @dataclass(frozen=True)
@@ -93,11 +117,19 @@ class QuantConfig:
     weight_scale_search: ScaleSearch = "mse"
     percentile: float = 99.99
     target: Target = "ort-cpu"
+    # "reduced" holds 8-bit weights to [-64, 64] so onnxruntime's u8 x s8 kernels cannot saturate on
+    # x86 CPUs without VNNI (emit/saturation.py: 18.8 dB against 30.4 on one net); "auto" reduces
+    # when the target has that problem and this host lacks VNNI. Quantizing on a VNNI machine for
+    # AVX2 servers: say "reduced".
+    weight_range: WeightRange = "auto"
     seed: int = 0
     fuse_branches: bool = True
-    # Cross-layer equalization of Conv -> Relu -> Conv pairs. Off: with per-channel weight scales it
-    # lost 1 dB on the zoo RepVGG (26.5 -> 25.5 dB output SQNR, BENCHMARKS.md notes).
+    # Data-aware cross-layer equalization (passes/equalize.py). Off: it fixes strongly unbalanced
+    # nets (+13 to +31 dB on synthetic ones) but changes nothing on the zoo, whose channels sit
+    # within 3x of the median, and costs an extra calibration pass.
     equalize: bool = False
+    # Empirical bias correction after the scale search (and reconstruction), before emitting.
+    bias_correction: bool = False
     # Op types or node names kept in float whatever the planner would do.
     keep_float: tuple[str, ...] = ()
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -108,20 +140,24 @@ class QuantConfig:
     # budget it is opt-in (--reconstruct), so an unattended pipeline never waits half an hour.
     fast: bool = True
     overrides: tuple[NodeOverride, ...] = ()
+    # Per-layer weight widths chosen under a budget (RFQuant-style greedy search); off without one.
+    mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "activation_bits"):
             bits = getattr(self, name)
             if not isinstance(bits, int) or not 2 <= bits <= 8:
                 raise UserError(f"{name.replace('_', ' ')} must be an integer from 2 to 8, got {bits!r}")
-        if self.activation_bits != 8:
-            # Below 8 bits activations need an integer Clip after each QuantizeLinear to stay on
-            # the narrow grid; until the emitter writes it, a narrow grid would be silently wrong.
-            raise UserError("activation bits other than 8 are not supported yet (weights go down to 2)")
+        if self.activation_bits < 4:
+            # Fewer than 16 levels per tensor: every net measured here falls apart, and no
+            # runtime has kernels for it; say so instead of writing a useless model.
+            raise UserError(f"activation bits must be from 4 to 8, got {self.activation_bits}")
         for name in ("scale_search", "weight_scale_search"):
             if getattr(self, name) not in SCALE_SEARCHES:
                 raise UserError(f"unknown {name.replace('_', '-')} {getattr(self, name)!r};"
                                 f" choose one of {', '.join(SCALE_SEARCHES)}")
+        if self.weight_range not in WEIGHT_RANGES:
+            raise UserError(f"unknown weight range {self.weight_range!r}; choose one of {', '.join(WEIGHT_RANGES)}")
         if self.target not in TARGETS:
             raise UserError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
         if not 50.0 < self.percentile <= 100.0:
@@ -136,6 +172,17 @@ class QuantConfig:
             raise UserError("reconstruction needs iterations >= 0, batch size, layers per block and step"
                             " elements >= 1, qdrop in [0, 1]")
 
+        mixed = self.mixed_precision
+        if mixed.enabled:
+            if any(b is not None and b <= 0 for b in (mixed.budget_size_mb, mixed.budget_bitops_g,
+                                                      mixed.budget_mean_bits)):
+                raise UserError("mixed-precision budgets must be positive")
+            if not mixed.candidates or any(not isinstance(b, int) or not 2 <= b <= 8 for b in mixed.candidates):
+                raise UserError("mixed-precision candidate widths must be integers from 2 to 8")
+            if mixed.samples < 1:
+                raise UserError("mixed-precision search needs at least 1 sample")
+            if not self.fast:
+                raise UserError("mixed precision needs the fast recipe (reconstruction learns one weight width)")
         if not self.fast and any(o.weight_bits not in (None, self.weight_bits) for o in self.overrides):
             # The block reconstruction learns every weight on one grid; mixed widths would be rounded wrong.
             raise UserError("per-node weight_bits need fast = true (reconstruction uses one weight width)")

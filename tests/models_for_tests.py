@@ -37,9 +37,11 @@ def positive(*shape) -> np.ndarray:
     return rng.uniform(0.5, 1.5, shape).astype(np.float32)
 
 
-def run_ort(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+def run_ort(model: onnx.ModelProto, feeds: dict, optimize: bool = True) -> list[np.ndarray]:
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not optimize:   # the QDQ graph as written, without onnxruntime's integer-kernel fusions
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
 

@@ -68,13 +68,13 @@ def _bad_inputs(files, tmp_path):
         "missing_calibration": [model, "--calib", str(tmp_path / "missing.npy")],
         "unknown_target": [model, "--calib", calib, "--target", "foo"],
         "nine_bits": [model, "--calib", calib, "--bits", "9"],
-        "six_bit_activations": [model, "--calib", calib, "--abits", "6"],
+        "three_bit_activations": [model, "--calib", calib, "--abits", "3"],
     }
 
 
 BAD = ["missing_model", "random_bytes_model", "truncated_model", "text_model", "wrong_calibration_shape",
        "nan_calibration", "zero_samples", "missing_calibration", "unknown_target", "nine_bits",
-       "six_bit_activations"]
+       "three_bit_activations"]
 
 
 def assert_one_line_error(capsys) -> str:

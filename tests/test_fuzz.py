@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from onnx import helper
 
 import onnxrepq
+from onnxrepq.config import QuantConfig
 from onnxrepq.errors import ModelError
 from tests.models_for_tests import make_model, run_ort, sqnr_db
 
@@ -267,11 +268,11 @@ def structured_inputs(count: int, case: FuzzCase) -> np.ndarray:
     return values.astype(np.float32)
 
 
-def run_samples(model: onnx.ModelProto, inputs: np.ndarray) -> list[np.ndarray]:
+def run_samples(model: onnx.ModelProto, inputs: np.ndarray, optimize: bool = True) -> list[np.ndarray]:
     """Outputs for all samples: as one batch where the batch dim is free, else one sample a run."""
     if model.graph.input[0].type.tensor_type.shape.dim[0].dim_param:
-        return run_ort(model, {"x": inputs})
-    per_sample = [run_ort(model, {"x": sample[None]}) for sample in inputs]
+        return run_ort(model, {"x": inputs}, optimize)
+    per_sample = [run_ort(model, {"x": sample[None]}, optimize) for sample in inputs]
     return [np.concatenate(outputs) for outputs in zip(*per_sample)]
 
 
@@ -297,9 +298,15 @@ def check_case(case: FuzzCase) -> list[tuple[str, float]] | None:
         return None
     if not all(np.isfinite(e).all() for e in expected):
         return None
-    quantized = onnxrepq.quantize(case.model, calibration)
+    # The fuzzer hunts rewriting and placement bugs, so it compares the QDQ graph as written (full
+    # 8-bit weights, onnxruntime's fusions off) with float. The fused integer kernels are only run
+    # here: on x86 without VNNI they saturate u8 x s8 pairs with full weights (a 2-conv graph read
+    # 14.3 dB), and the reduced range that avoids it costs precision on near-cancelling graphs
+    # (11.5 dB against 20.3 on one); both are the weight-range choice, tested in test_saturation.py.
+    quantized = onnxrepq.quantize(case.model, calibration, QuantConfig(weight_range="full"))
+    assert all(np.isfinite(value).all() for value in run_samples(quantized, held_out[:1]))
     assert [o.name for o in quantized.graph.output] == [o.name for o in case.model.graph.output]
-    actual = run_samples(quantized, held_out)
+    actual = run_samples(quantized, held_out, optimize=False)
     agreements = []
     for reference, value in zip(expected, actual):
         assert value.shape == reference.shape

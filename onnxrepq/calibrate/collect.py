@@ -8,6 +8,7 @@ import onnx
 
 from ..config import CalibrationConfig
 from ..errors import CalibrationError, ModelError
+from .channel_stats import ChannelStats
 from .data import CalibrationSet, Feed
 from .histogram import StreamingHistogram
 from .runner import run_tensors, session_for
@@ -45,7 +46,9 @@ def _inferred_types(model: onnx.ModelProto) -> dict[str, int]:
 
 def collect_histograms(model: onnx.ModelProto, tensors: Sequence[str], calibration: CalibrationSet,
                        config: CalibrationConfig, seed: int = 0,
-                       progress: Optional[Callable[[int], None]] = None) -> dict[str, StreamingHistogram]:
+                       progress: Optional[Callable[[int], None]] = None,
+                       channel_stats: Optional[dict[str, ChannelStats]] = None) -> dict[str, StreamingHistogram]:
+    """Histograms of ``tensors``; ``channel_stats``, when given, is filled with theirs in the same run."""
     histograms = {name: StreamingHistogram(bins=config.histogram_bins, sample_elements=config.sample_elements,
                                            seed=seed + i) for i, name in enumerate(tensors)}
     session = session_for(model, tensors)
@@ -55,6 +58,8 @@ def collect_histograms(model: onnx.ModelProto, tensors: Sequence[str], calibrati
                 raise CalibrationError(f"tensor {name!r} becomes NaN/Inf on the calibration data;"
                                        " the float model itself overflows")
             histograms[name].update(value)
+            if channel_stats is not None:
+                channel_stats.setdefault(name, ChannelStats()).update(value)
         if progress is not None:
             progress(1)
     return histograms

@@ -71,7 +71,8 @@ class CalibrationSet:
                 feed = {k: v[:keep] for k, v in feed.items()}
                 count = keep
             for start in range(0, count, self._step()):
-                yield {k: v[start:start + self._step()] for k, v in feed.items()}
+                yield {spec.name: _check_values(feed[spec.name][start:start + self._step()], spec)
+                       for spec in self.specs}
             seen += count
             if seen >= self.max_samples:
                 break
@@ -233,14 +234,19 @@ def _check_array(array: np.ndarray, spec: InputSpec) -> np.ndarray:
         if want is not None and want != got:
             raise CalibrationError(f"input {spec.name!r} expects {_shape_text(spec.shape)},"
                                    f" calibration data has shape {tuple(array.shape)}")
-    if array.dtype != spec.dtype:
-        if np.issubdtype(spec.dtype, np.floating) and np.issubdtype(array.dtype, np.floating):
-            array = array.astype(spec.dtype)
-        else:
-            raise CalibrationError(f"input {spec.name!r} expects {spec.dtype}, calibration data is {array.dtype}")
+    if array.dtype != spec.dtype and not (np.issubdtype(spec.dtype, np.floating)
+                                          and np.issubdtype(array.dtype, np.floating)):
+        raise CalibrationError(f"input {spec.name!r} expects {spec.dtype}, calibration data is {array.dtype}")
+    return array
+
+
+def _check_values(array: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Convert and scan one step's slice, not the whole batch: a memory-mapped file converted or
+    scanned at once (float64 data for a float32 input, say) would be copied into memory whole."""
+    array = np.ascontiguousarray(array, dtype=spec.dtype)
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         raise CalibrationError(f"calibration data for input {spec.name!r} contains NaN or Inf")
-    return np.ascontiguousarray(array)
+    return array
 
 
 def _shape_text(shape: tuple[int | None, ...]) -> str:

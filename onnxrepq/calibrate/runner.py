@@ -1,12 +1,15 @@
 """Run the float model in onnxruntime and hand out the intermediate tensors asked for."""
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from ..graph.external import exceeds_protobuf, point_at, write_weights
 from .data import Feed
 
 
@@ -17,6 +20,14 @@ def session_for(model: onnx.ModelProto, extra_outputs: Sequence[str] = (), threa
     Asking for an intermediate tensor as a graph output keeps onnxruntime from fusing it away;
     extra outputs need no type information, onnxruntime infers it.
     """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if exceeds_protobuf(model):
+        return _session_from_files(model, extra_outputs, options)
     proto = onnx.ModelProto()
     proto.CopyFrom(model)
     present = {o.name for o in proto.graph.output}
@@ -24,13 +35,22 @@ def session_for(model: onnx.ModelProto, extra_outputs: Sequence[str] = (), threa
         if name not in present:
             proto.graph.output.append(onnx.ValueInfoProto(name=name))
             present.add(name)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                        else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _session_from_files(model: onnx.ModelProto, extra_outputs: Sequence[str],
+                        options: ort.SessionOptions) -> ort.InferenceSession:
+    """A model past 2 GiB cannot be serialised to hand onnxruntime the bytes: it reads the graph
+    and its weights from a temporary folder instead, which goes once the session holds them."""
+    with tempfile.TemporaryDirectory(prefix="onnxrepq-session-") as folder:
+        with open(os.path.join(folder, "weights.data"), "wb") as data:
+            light, _ = write_weights(model, data, extra_outputs)
+        point_at(light, "weights.data")
+        path = os.path.join(folder, "model.onnx")
+        with open(path, "wb") as handle:
+            handle.write(light.SerializeToString())
+        del light
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 def run_tensors(session: ort.InferenceSession, feeds: Iterable[Feed], names: Sequence[str]

@@ -46,6 +46,13 @@ class TargetRules:
     quantize_residual_inputs: bool = False
     # Store biases as int32 behind a DequantizeLinear (QLinearConv/QGemm); TensorRT wants float.
     int32_bias: bool = True
+    # How an activation grid narrower than its 8-bit container (6-bit: 64 levels in uint8) is held:
+    # "integer" puts Clip on the quantized tensor (Q -> Clip(0, 63) -> DQ), which onnxruntime runs
+    # on uint8 and which keeps every QDQ fusion; "float" clips before the Q, for TensorRT, where no
+    # integer Clip fuses. Either computes exactly what true narrow arithmetic would.
+    narrow_activation_clip: str = "integer"
+    # u8 x s8 products are summed in int16 pairs on x86 without VNNI (see emit/saturation.py).
+    u8s8_pair_saturation: bool = True
 
 
 ORT_CPU = TargetRules(
@@ -69,6 +76,8 @@ TENSORRT = TargetRules(
     quantize_anchor_outputs=False,
     quantize_residual_inputs=True,
     int32_bias=False,
+    narrow_activation_clip="float",
+    u8s8_pair_saturation=False,
 )
 
 TARGETS = {rules.name: rules for rules in (ORT_CPU, TENSORRT)}

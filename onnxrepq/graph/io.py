@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 import onnx
 
 from ..errors import ModelError, UserError
+from .external import (checkable_copy, exceeds_protobuf, external_locations, point_at, uses_external_data,
+                       write_weights)
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
-
-# protobuf cannot serialise a message over 2 GiB; past this size weights go to external data.
-_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 def load_model(model: ModelLike) -> onnx.ModelProto:
@@ -39,13 +39,51 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
             raise ModelError(f"cannot read {path} as an ONNX model ({_first_line(exc)})") from None
     if not proto.graph.node:
         raise ModelError(f"{source} holds no graph nodes (is it an ONNX model?)")
+    _complete_output_shapes(proto)
     try:
-        onnx.checker.check_model(proto if proto.ByteSize() < _EXTERNAL_DATA_THRESHOLD else str(model))
+        check_model(proto)
     except Exception as exc:
         raise ModelError(f"{source} is rejected by the ONNX checker: {_first_line(exc)}") from None
     _reject_unknown_domains(proto, source)
     _reject_map_values(proto, source)
     return proto
+
+
+def has_external_data(model: ModelLike) -> bool:
+    """Whether a model file keeps its weights in files beside it (the output then does too)."""
+    if isinstance(model, onnx.ModelProto):
+        return False
+    try:
+        return uses_external_data(onnx.load(str(model), load_external_data=False))
+    except Exception:
+        return False
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """onnx.checker.check_model, also for a model past protobuf's 2 GiB, which it cannot take as a
+    proto: that one is checked without its weight bytes."""
+    onnx.checker.check_model(checkable_copy(model) if exceeds_protobuf(model) else model)
+
+
+def _complete_output_shapes(proto: onnx.ModelProto) -> None:
+    """Give graph outputs that carry only an element type the shape onnx infers for them.
+
+    Some exporters write outputs that way; onnxruntime runs them, but the ONNX checker requires a
+    shape on every graph output, and the quantized model is checked before it is written.
+    """
+    bare = [out for out in proto.graph.output
+            if out.type.HasField("tensor_type") and not out.type.tensor_type.HasField("shape")]
+    if not bare or exceeds_protobuf(proto):
+        return
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    except Exception:
+        return  # the checker will name the output
+    shapes = {out.name: out.type.tensor_type for out in inferred.graph.output
+              if out.type.tensor_type.HasField("shape")}
+    for out in bare:
+        if out.name in shapes:
+            out.type.tensor_type.shape.CopyFrom(shapes[out.name].shape)
 
 
 def _reject_map_values(proto: onnx.ModelProto, source: str) -> None:
@@ -92,54 +130,72 @@ def check_output_path(output: Union[str, os.PathLike], model: ModelLike | None =
     return out
 
 
-def save_model_atomic(model: onnx.ModelProto, output: Union[str, os.PathLike]) -> Path:
-    """Write the model next to its destination, then rename it into place."""
+def save_model_atomic(model: onnx.ModelProto, output: Union[str, os.PathLike], external_data: bool = False) -> Path:
+    """Write the model next to its destination, then rename it into place.
+
+    With ``external_data``, and always past protobuf's 2 GiB, the weights go to a data file beside
+    the graph (see _save_external). The model passed in is not modified.
+    """
     out = Path(output)
-    large = model.ByteSize() > _EXTERNAL_DATA_THRESHOLD if _fits_protobuf(model) else True
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
-    os.close(fd)
-    tmp = Path(tmp_name)
-    # mkstemp makes the file private (0600); the model should get the permissions any new file
-    # of this user gets, so a serving process under another account can read it.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    data_name = f"{out.name}.data"
-    tmp_data = out.parent / f".{data_name}.tmp"
-    try:
-        if large:
-            # External data is written under a temporary name too, then both are renamed.
-            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data.name, size_threshold=1024)
-            _rename_external_location(tmp, tmp_data.name, data_name)
-            os.replace(tmp_data, out.parent / data_name)
-        else:
-            with open(tmp, "wb") as handle:
-                handle.write(model.SerializeToString(deterministic=True))
+    if external_data or exceeds_protobuf(model):
+        _save_external(model, out)
+        return out
+    with _temporary_beside(out, ".tmp") as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(model.SerializeToString(deterministic=True))
         os.replace(tmp, out)
-    finally:
-        for leftover in (tmp, tmp_data):
-            if leftover.exists():
-                leftover.unlink()
     return out
 
 
-def _rename_external_location(path: Path, old: str, new: str) -> None:
-    proto = onnx.load(str(path), load_external_data=False)
-    for tensor in proto.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location" and entry.value == old:
-                entry.value = new
-    with open(path, "wb") as handle:
-        handle.write(proto.SerializeToString(deterministic=True))
+def _save_external(model: onnx.ModelProto, out: Path) -> None:
+    """Graph to ``OUT``, weights to ``OUT.<digest of the weights>.data``, both written under temporary
+    names first. A fixed data name would make replacing an earlier output non-atomic (a kill between
+    the two renames would pair the old graph with the new weights); named by content, the old graph
+    keeps its own data file until the new graph has replaced it, and only then is that file removed."""
+    earlier = _own_data_files(out)
+    with _temporary_beside(out, ".data.tmp") as tmp_data, _temporary_beside(out, ".tmp") as tmp:
+        with open(tmp_data, "wb") as handle:
+            light, digest = write_weights(model, handle)
+        # no tensor large enough to move out (as with onnx.save_model's size_threshold): no data file
+        location = f"{out.name}.{digest}.data" if uses_external_data(light) else ""
+        point_at(light, location)
+        with open(tmp, "wb") as handle:
+            handle.write(light.SerializeToString(deterministic=True))
+        if location:
+            os.replace(tmp_data, out.parent / location)
+        os.replace(tmp, out)
+    for stale in earlier - {location}:
+        (out.parent / stale).unlink(missing_ok=True)
 
 
-def _fits_protobuf(model: onnx.ModelProto) -> bool:
+@contextmanager
+def _temporary_beside(out: Path, suffix: str) -> Iterator[Path]:
+    """A fresh file ``.OUT.<random><suffix>`` in the destination's folder (the same file system, so
+    os.replace is atomic), removed on the way out unless it was renamed into place."""
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix, dir=str(out.parent))
+    os.close(fd)
+    path = Path(name)
+    # mkstemp makes the file private (0600); a serving process under another account must read the model.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
     try:
-        model.ByteSize()
-        return True
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _own_data_files(out: Path) -> set[str]:
+    """Data files an earlier save of ours left for ``out``: only names of our own pattern, so a
+    graph that points at someone else's weights (the input model's, say) never loses them."""
+    if not out.is_file():
+        return set()
+    try:
+        locations = external_locations(onnx.load(str(out), load_external_data=False))
     except Exception:
-        return False
+        return set()
+    return {name for name in locations
+            if name.startswith(f"{out.name}.") and name.endswith(".data") and "/" not in name and "\\" not in name}
 
 
 def _first_line(exc: BaseException) -> str:

@@ -9,6 +9,7 @@ between them is positively homogeneous (Relu(x/s) = Relu(x)/s for s > 0), and eq
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping, Optional
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -24,6 +25,13 @@ _HOMOGENEOUS = ("Relu",)
 class EqualizeConfig:
     max_scale: float = 32.0   # cap on s_i and 1/s_i: beyond it activations inflate (a known CLE failure)
     rounds: int = 3           # chains conv->conv->conv need a few sweeps to settle
+    # Data-aware split of a channel's range between the activation and the second conv's weight
+    # column: s_i = r_act(i)^alpha / r_col(i)^(1 - alpha) (SmoothQuant's migration strength).
+    alpha: float = 0.5
+    # Data-aware only: channels whose wanted scale is within this factor of the median's stay put,
+    # the others get their full scale. At 1 (move every channel) the zoo lost 1-6 dB; at 4 it is
+    # untouched while x100 / x0.01 channels are still fixed (tests/passes/test_equalize.py).
+    tolerance: float = 4.0
 
 
 class EqualizeCrossLayer:
@@ -34,23 +42,55 @@ class EqualizeCrossLayer:
     Clip are not homogeneous (their bound would have to move per channel) and HardSwish is not
     either, so those pairs are left alone. Scales are capped at ``max_scale``; capped channels are
     counted in the notes.
+
+    What is balanced depends on what is known. Weights are quantized per output channel, so the
+    first conv's rows gain nothing from balancing; the tensor between the convs is quantized per
+    tensor, so a channel with a range 100x the others' spends the 256 levels alone. Given
+    ``activation_ranges`` (per-channel absmax of the tensor the second conv reads, from
+    calibration) the pass balances that range against the second conv's weight column, whose
+    row-wise grid pays for it; a depthwise second conv has one column per row and pays nothing,
+    so there the activation channels are made equal outright. Pairs without ranges fall back to
+    balancing the first conv's rows against the second conv's columns (weight-only CLE).
     """
 
     name = "equalize"
 
-    def __init__(self, config: EqualizeConfig = EqualizeConfig()):
+    def __init__(self, config: EqualizeConfig = EqualizeConfig(),
+                 activation_ranges: Optional[Mapping[str, np.ndarray]] = None):
         self.config = config
+        self.activation_ranges = activation_ranges
 
     def __call__(self, graph: gs.Graph) -> PassResult:
-        pairs = [pair for node in graph.nodes if node.op == "Conv" and (pair := _pair_after(graph, node))]
-        capped = 0
+        pairs = equalization_pairs(graph)
+        ranges = {name: np.asarray(value, np.float64) for name, value in (self.activation_ranges or {}).items()}
+        cap = self.config.max_scale
+        total: dict[str, np.ndarray] = {}  # the cap bounds the scale summed over rounds, not each round's
         for _ in range(self.config.rounds):
             for first, second in pairs:
-                capped += _equalize(first, second, self.config.max_scale)
-        notes = [f"{len(pairs)} conv pairs equalized"] if pairs else []
-        if capped:
-            notes.append(f"{capped} channel scales capped at {self.config.max_scale:g}")
+                tensor = second.inputs[0].name
+                if tensor in ranges:
+                    activation = _fill_silent(ranges[tensor], _row_ranges(first))
+                    wanted = _data_scale(activation, _column_shares(second), _depthwise(second), self.config)
+                else:
+                    wanted = _weight_scale(first, second)
+                done = total.get(tensor, np.ones(len(wanted)))
+                total[tensor] = np.clip(done * wanted, 1.0 / cap, cap)
+                scale = total[tensor] / done
+                _apply(first, second, scale)
+                if tensor in ranges:
+                    ranges[tensor] = ranges[tensor] / scale
+        aware = sum(second.inputs[0].name in ranges for _, second in pairs)
+        notes = [f"{len(pairs)} conv pairs equalized ({aware} on activation ranges)"] if pairs else []
+        capped = {tensor: int(np.sum((value >= cap) | (value <= 1.0 / cap))) for tensor, value in total.items()}
+        if sum(capped.values()):
+            notes.append(f"{sum(capped.values())} channel scales capped at {cap:g}: "
+                         + ", ".join(f"{t} ({n})" for t, n in capped.items() if n)[:300])
         return PassResult(graph, bool(pairs), notes)
+
+
+def equalization_pairs(graph: gs.Graph) -> list[tuple[gs.Node, gs.Node]]:
+    """The (first conv, second conv) pairs the pass rewrites; ``second.inputs[0]`` is the tensor between."""
+    return [pair for node in graph.nodes if node.op == "Conv" and (pair := _pair_after(graph, node))]
 
 
 def _pair_after(graph: gs.Graph, first: gs.Node):
@@ -94,32 +134,91 @@ def _weights(node: gs.Node):
     return weight
 
 
-def _equalize(first: gs.Node, second: gs.Node, max_scale: float) -> int:
-    w1, w2 = _weights(first).astype(np.float64), _weights(second).astype(np.float64)
-    channels = w1.shape[0]
+def _depthwise(conv: gs.Node) -> bool:
+    return _weights(conv).shape[1] == 1
+
+
+def _column_ranges(second: gs.Node) -> np.ndarray:
+    """max |w| of each input channel of the second conv, over the rows of its group."""
+    w2 = np.abs(_weights(second).astype(np.float64))
     groups = int(second.attrs.get("group", 1))
-    per_group_in = w2.shape[1]
-    per_group_out = w2.shape[0] // groups
-    # range of input channel i in the second conv: its slice in its group's rows
-    r1 = np.abs(w1.reshape(channels, -1)).max(axis=1)
-    r2 = np.zeros(channels)
-    for i in range(channels):
-        g, j = divmod(i, per_group_in)
-        r2[i] = np.abs(w2[g * per_group_out:(g + 1) * per_group_out, j]).max()
+    per_group_in, per_group_out = w2.shape[1], w2.shape[0] // groups
+    columns = w2.reshape(groups, per_group_out, per_group_in, -1).max(axis=(1, 3))  # (groups, per_group_in)
+    return columns.reshape(-1)
+
+
+def _column_shares(second: gs.Node) -> np.ndarray:
+    """How much of each row's quantization range an input channel takes, averaged over the rows.
+
+    Rows are quantized each on its own grid, so scaling a row costs nothing: the cost of a large
+    column is that it stretches the grid of the rows it sits in, measured relative to each row's max.
+    """
+    w2 = np.abs(_weights(second).astype(np.float64))
+    groups = int(second.attrs.get("group", 1))
+    per_group_in, per_group_out = w2.shape[1], w2.shape[0] // groups
+    taps = w2.reshape(groups, per_group_out, per_group_in, -1).max(axis=3)      # (groups, out, in)
+    rows = np.maximum(taps.max(axis=2, keepdims=True), 1e-30)
+    return (taps / rows).mean(axis=1).reshape(-1)
+
+
+def _row_ranges(first: gs.Node) -> np.ndarray:
+    w1 = np.abs(_weights(first).astype(np.float64))
+    return w1.reshape(w1.shape[0], -1).max(axis=1)
+
+
+def _fill_silent(activation: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Channels that stayed zero on the calibration data get a range estimated from their weights.
+
+    Left at scale 1, such a channel keeps whatever weight column the training left it, and one
+    large column spoils the grid of every row it sits in; it costs the data nothing to move it,
+    but other data may wake it, so it is scaled like its live neighbours rather than to the cap.
+    """
+    live = (activation > 0) & (rows > 0)
+    if not live.any() or live.all():
+        return activation
+    typical = np.exp(np.median(np.log(activation[live] / rows[live])))
+    return np.where(live, activation, rows * typical)
+
+
+def _weight_scale(first: gs.Node, second: gs.Node) -> np.ndarray:
+    r1, r2 = _row_ranges(first), _column_ranges(second)
     valid = (r1 > 0) & (r2 > 0)
-    scale = np.ones(channels)
+    scale = np.ones(len(r1))
     scale[valid] = np.sqrt(r1[valid] / r2[valid])
-    capped = int(np.sum((scale > max_scale) | (scale < 1.0 / max_scale)))
-    scale = np.clip(scale, 1.0 / max_scale, max_scale)
+    return scale
+
+
+def _data_scale(activation: np.ndarray, columns: np.ndarray, depthwise: bool, config: EqualizeConfig) -> np.ndarray:
+    valid = (activation > 0) & (columns > 0)
+    scale = np.ones(len(activation))
+    if not valid.any():
+        return scale
+    alpha = 1.0 if depthwise else config.alpha
+    log_scale = alpha * np.log(activation[valid]) - (1.0 - alpha) * np.log(columns[valid])
+    # Only ratios between channels matter (a common factor moves into the tensor's one scale),
+    # so centre the scales on 1 before capping: the cap then bounds how far channels move apart.
+    log_scale -= np.median(log_scale)
+    # Channels within ``tolerance`` of the median are left where training put them: moving them
+    # trades activation precision for weight precision at a rate absmax ranges measure poorly.
+    band = np.log(config.tolerance)
+    scale[valid] = np.exp(np.where(np.abs(log_scale) > band, log_scale, 0.0))
+    return scale
+
+
+def _apply(first: gs.Node, second: gs.Node, scale: np.ndarray) -> None:
+    """Channel i of the first conv's output divided by scale[i], input channel i of the second multiplied."""
+    if np.all(scale == 1.0):
+        return
+    w1, w2 = _weights(first).astype(np.float64), _weights(second).astype(np.float64)
+    groups = int(second.attrs.get("group", 1))
+    per_group_in, per_group_out = w2.shape[1], w2.shape[0] // groups
     w1 /= scale.reshape(-1, *([1] * (w1.ndim - 1)))
-    for i in range(channels):
-        g, j = divmod(i, per_group_in)
-        w2[g * per_group_out:(g + 1) * per_group_out, j] *= scale[i]
+    grouped = w2.reshape(groups, per_group_out, per_group_in, -1)
+    grouped *= scale.reshape(groups, 1, per_group_in, 1)
     _set(first, 1, w1.astype(np.float32))
-    _set(second, 1, w2.astype(np.float32))
+    _set(second, 1, grouped.reshape(w2.shape).astype(np.float32))
     if len(first.inputs) > 2 and first.inputs[2] is not None and first.inputs[2].name:
         _set(first, 2, (constant_value(first.inputs[2]).astype(np.float64) / scale).astype(np.float32))
-    return capped
 
 
 def _set(node: gs.Node, index: int, value: np.ndarray) -> None:

@@ -4,6 +4,10 @@ Weights stay float behind a QuantizeLinear so that reconstruction can still see 
 float values; the emitter later folds those into int8 initializers. Each consumer of a quantized
 activation gets its own DequantizeLinear: onnxruntime's QDQ selectors match a DQ that feeds one
 node, and a shared DQ would keep a fan-out tensor (a residual) out of the integer kernels.
+
+A grid narrower than its container (6-bit activations: 64 levels held in uint8) gets a Clip that
+makes the runtime compute exactly the narrow arithmetic: on the quantized integers for onnxruntime
+(its QDQ fusions survive it), or on the float tensor before the Q for TensorRT.
 """
 from __future__ import annotations
 
@@ -36,10 +40,14 @@ class InsertQDQ:
 
     name = "insert_qdq"
 
-    def __init__(self, plan: QuantPlan, activations: dict[str, ActivationQuant], weights: dict[str, WeightQuant]):
+    def __init__(self, plan: QuantPlan, activations: dict[str, ActivationQuant], weights: dict[str, WeightQuant],
+                 narrow_clip: str = "integer"):
+        if narrow_clip not in ("integer", "float"):
+            raise ValueError(f"narrow_clip must be 'integer' or 'float', not {narrow_clip!r}")
         self.plan = plan
         self.activations = activations
         self.weights = weights
+        self.narrow_clip = narrow_clip
 
     def __call__(self, graph: gs.Graph) -> PassResult:
         tensors = graph.tensors()
@@ -58,8 +66,23 @@ class InsertQDQ:
         scale = gs.Constant(f"{tensor.name}_scale", np.array(quant.scale, dtype=np.float32))
         zero_point = gs.Constant(f"{tensor.name}_zero_point", np.array(quant.zero_point, dtype=quant.grid.dtype))
         quantized = gs.Variable(f"{tensor.name}_quantized", dtype=quant.grid.dtype)
+        source = tensor
+        narrow = _is_narrow(quant.grid)
+        if narrow and self.narrow_clip == "float":
+            source = gs.Variable(f"{tensor.name}_clipped", dtype=np.float32)
+            low, high = (np.float32((bound - quant.zero_point) * quant.scale)
+                         for bound in (quant.grid.qmin, quant.grid.qmax))
+            graph.layer(op="Clip", name=f"{tensor.name}_Clip", outputs=[source],
+                        inputs=[tensor, gs.Constant(f"{tensor.name}_clip_min", np.array(low, np.float32)),
+                                gs.Constant(f"{tensor.name}_clip_max", np.array(high, np.float32))])
         graph.layer(op="QuantizeLinear", name=f"{tensor.name}_QuantizeLinear",
-                    inputs=[tensor, scale, zero_point], outputs=[quantized])
+                    inputs=[source, scale, zero_point], outputs=[quantized])
+        if narrow and self.narrow_clip == "integer":
+            saturated = quantized
+            quantized = gs.Variable(f"{tensor.name}_quantized_narrow", dtype=quant.grid.dtype)
+            graph.layer(op="Clip", name=f"{tensor.name}_QuantizedClip", outputs=[quantized], inputs=[
+                saturated, gs.Constant(f"{tensor.name}_qmin", np.array(quant.grid.qmin, quant.grid.dtype)),
+                gs.Constant(f"{tensor.name}_qmax", np.array(quant.grid.qmax, quant.grid.dtype))])
         for index, consumer in enumerate(consumers):
             restored = gs.Variable(f"{tensor.name}_dequantized_{index}", dtype=np.float32)
             graph.layer(op="DequantizeLinear", name=f"{tensor.name}_DequantizeLinear_{index}",
@@ -85,3 +108,8 @@ class InsertQDQ:
         graph.layer(op="DequantizeLinear", name=f"{base}_DequantizeLinear", inputs=[quantized, scale, zero_point],
                     outputs=[restored], attrs=attrs)
         node.inputs = [restored if i == index else inp for i, inp in enumerate(node.inputs)]
+
+
+def _is_narrow(grid: IntGrid) -> bool:
+    """Below 8 bits: the container's saturation alone would leave levels the grid does not have."""
+    return grid.levels < np.iinfo(grid.dtype).max - np.iinfo(grid.dtype).min - 1

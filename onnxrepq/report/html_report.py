@@ -131,13 +131,13 @@ def svg_bars(values: Sequence[float], colors: Sequence[str], tooltips: Sequence[
 
 def _layer_table(layers: Sequence[dict], worst: list[str]) -> str:
     header = ["#", "layer", "op", "bits", "weight scales", "weight min/max", "channel max|w| spread",
-              "input range", "input scale", "input ranges by", "SQNR dB"]
+              "input range", "input scale", "input ranges by", "input outliers", "SQNR dB"]
     rows, classes = [], []
     charted = [row["name"] for row in layers if row.get("sqnr_db") is not None]  # the chart's numbering
     for row in layers:
         number = charted.index(row["name"]) + 1 if row["name"] in charted else ""
         if "float" in row:
-            rows.append([number, row["name"], row["op"], "float", row["float"], "", "", "", "", "",
+            rows.append([number, row["name"], row["op"], "float", row["float"], "", "", "", "", "", "",
                          _number(row.get("sqnr_db"))])
             classes.append("float")
             continue
@@ -145,9 +145,21 @@ def _layer_table(layers: Sequence[dict], worst: list[str]) -> str:
         rows.append([number, row["name"], row["op"], row["weight_bits"], row["weight_scale_search"],
                      f"{row['weight_min']:.3g} / {row['weight_max']:.3g}", _spread(row["channel_absmax"]),
                      f"{input_range[0]:.3g} .. {input_range[1]:.3g}" if input_range else "",
-                     _number(row.get("input_scale"), 5), row.get("input_scale_search", ""), _number(row.get("sqnr_db"))])
+                     _number(row.get("input_scale"), 5), row.get("input_scale_search", ""), _outliers(row),
+                     _number(row.get("sqnr_db"))])
         classes.append("worst" if row["name"] in worst else "")
     return _table(header, rows, classes)
+
+
+def _outliers(row: dict) -> str:
+    """Channels and calibration samples of the input far above the median one (see calibrate/channel_stats.py)."""
+    if "outlier_channel_count" not in row:
+        return ""
+    channels, samples = row["outlier_channels"], row["outlier_samples"]
+    more = lambda shown, count: ", ..." if count > len(shown) else ""
+    return (f"{row['outlier_channel_count']} ch [{', '.join(map(str, channels))}{more(channels, row['outlier_channel_count'])}]"
+            f" {row['channel_range_ratio']:.1f}x; {row['outlier_sample_count']} samples"
+            f" [{', '.join(map(str, samples))}{more(samples, row['outlier_sample_count'])}] {row['sample_range_ratio']:.1f}x")
 
 
 def _spread(channel_absmax: Sequence[float]) -> str:

@@ -146,3 +146,20 @@ def test_one_shot_source_survives_an_abandoned_first_pass(kind, specs, tmp_path)
     assert next(iter(data))["x"].shape == (1, 3, 4, 4)
     np.testing.assert_array_equal(np.concatenate([feed["x"] for feed in data]), SAMPLES)
     np.testing.assert_array_equal(np.concatenate([feed["x"] for feed in data]), SAMPLES)
+
+
+def test_a_memory_mapped_file_is_converted_and_scanned_a_step_at_a_time(tmp_path):
+    """float64 data for a float32 input: the whole file converted at once would copy it into memory."""
+    import tracemalloc
+
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], {"x": ["n", 3, 32, 32]}, ["y"])
+    data = np.random.default_rng(2).standard_normal((256, 3, 32, 32))  # 6.3 MB of float64
+    np.save(tmp_path / "big.npy", data)
+    del data
+    tracemalloc.start()
+    try:
+        count = sum(len(feed["x"]) for feed in calibration_set(tmp_path / "big.npy", input_specs(model), 1000))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == 256 and peak < 1_000_000  # one float32 sample is 12 kB; the file as float32 3.1 MB

@@ -6,7 +6,15 @@ import sys
 from dataclasses import dataclass
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RECIPE_FLAGS = {"fast": ["--fast"], "default": [], "reconstruct": ["--reconstruct"]}
+RECIPE_FLAGS = {"fast": ["--fast"], "default": [], "reconstruct": ["--reconstruct"],
+                # below 8 bits (issue 6): fast recipe and with reconstruction
+                "w6a6": ["--fast", "--bits", "6"], "w4a8": ["--fast", "--wbits", "4", "--abits", "8"],
+                "w6a6-reconstruct": ["--reconstruct", "--bits", "6"],
+                "w4a8-reconstruct": ["--reconstruct", "--wbits", "4", "--abits", "8"],
+                # mixed precision at the weight size of uniform W4A8
+                "mixed-w4": ["--fast", "--budget-mean-bits", "4"],
+                # issue 10 ablations on the fast recipe
+                "bias-correction": ["--fast", "--bias-correction"], "equalize": ["--fast", "--equalize"]}
 ORT_CALIBRATIONS = ("minmax", "percentile")
 ONNXREPQ_MAIN = "import sys; from onnxrepq.cli import main; sys.exit(main())"  # what the console script runs
 
