@@ -262,7 +262,8 @@ def _mixed_precision(normalized, graph, plan, calibration_data, config: QuantCon
     started = time.perf_counter()
     with Progress("mixed precision", total=sensitivity_runs(plan, config.mixed_precision), enabled=progress) as bar:
         result = choose_bit_widths(normalized, graph, plan, calibration_data, config.mixed_precision, grid_for,
-                                   config.activation_bits, progress=bar.update)
+                                   config.activation_bits, progress=bar.update,
+                                   weight_scale_search=config.weight_scale_search)
     result.seconds = time.perf_counter() - started
     return result
 

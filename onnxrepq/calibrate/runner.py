@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 
 from ..graph.external import exceeds_protobuf, point_at, write_weights
+from ..errors import CalibrationError
 from .data import Feed
 
 
@@ -59,3 +60,14 @@ def run_tensors(session: ort.InferenceSession, feeds: Iterable[Feed], names: Seq
     for feed in feeds:
         values = session.run(list(names), feed)
         yield dict(zip(names, values))
+
+
+def run_finite_tensors(session: ort.InferenceSession, feeds: Iterable[Feed], names: Sequence[str]
+                       ) -> Iterator[dict[str, np.ndarray]]:
+    """run_tensors for statistics: a NaN/Inf is the float model overflowing, said once, here."""
+    for values in run_tensors(session, feeds, names):
+        for name, value in values.items():
+            if not np.all(np.isfinite(value)):
+                raise CalibrationError(f"tensor {name!r} becomes NaN/Inf on the calibration data;"
+                                       " the float model itself overflows")
+        yield values

@@ -74,7 +74,8 @@ class MixedPrecisionResult:
 
 def choose_bit_widths(model: onnx.ModelProto, graph: gs.Graph, plan: QuantPlan, feeds: Iterable[Mapping],
                       config: MixedPrecisionConfig, grid_for: Callable[[int], IntGrid], activation_bits: int = 8,
-                      progress: Optional[Callable[[int], None]] = None) -> MixedPrecisionResult:
+                      progress: Optional[Callable[[int], None]] = None, weight_scale_search: str = "mse"
+                      ) -> MixedPrecisionResult:
     """Pick a width per planned weight so that the budget holds and the summed sensitivity is least."""
     nodes = {node.name: node for node in graph.nodes}
     slots = [(slot, nodes[slot.node]) for slot in plan.weights]
@@ -90,7 +91,8 @@ def choose_bit_widths(model: onnx.ModelProto, graph: gs.Graph, plan: QuantPlan, 
         errors = {}
         for bits in sorted(set(config.candidates)):
             grid = grid_for(bits)
-            scale = weight_scales(weights[name], slot.axis, "mse", grid)
+            # the same scale search the emitted weight gets, so the error measured is the one shipped
+            scale = weight_scales(weights[name], slot.axis, weight_scale_search, grid)
             shape = [1] * weights[name].ndim
             shape[slot.axis] = -1
             quantized = fake_quant(weights[name].astype(np.float64), scale.reshape(shape), 0, grid)
