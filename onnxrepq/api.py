@@ -6,7 +6,7 @@ from collections import Counter
 import itertools
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
 import numpy as np
@@ -14,21 +14,25 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__
-from .calibrate.channel_stats import ChannelStats, collect_channel_stats, find_outliers
+from .calibrate.channel_stats import ChannelStats, find_outliers, outlier_cover
 from .calibrate.collect import collect_histograms, float_tensors
 from .calibrate.data import calibration_set, input_specs
 from .calibrate.images import ImageFolder, is_image_folder
 from .config import BiasCorrectionConfig, QuantConfig
 from .emit.bias_correction import CorrectBias
+from .emit.codebook import ClusterWeights, EmitCodebookWeights
 from .emit.finalize import FoldWeightQuantizers, QuantizeBias
+from .emit.int4_matmul import INT4_OPSET, Int4Weight, StoreInt4Weights, block_weight_scales, matmul_weight, \
+    pack_int4_initializers, plan_weight_only, storage_label
 from .emit.placement import plan_quantization
 from .emit.targets import TARGETS
+from .errors import ModelError
 from .graph.io import ModelLike, check_model, load_model
 from .passes.base import PassRecord, run_passes
 from .passes.cleanup import Cleanup
 from .passes.constants import ConstantsToInitializers
 from .passes.fold_affine import FoldAffineIntoConv
-from .passes.equalize import EqualizeCrossLayer, equalization_pairs
+from .passes.equalize import EqualizeConfig, EqualizeCrossLayer, channel_extremes, equalization_pairs
 from .passes.fold_constants import FoldConstants
 from .passes.fuse_branches import FuseParallelBranches
 from .passes.fuse_hardswish import FuseHardSwish
@@ -37,6 +41,7 @@ from .passes.names import NameNodes
 from .passes.opset import UpgradeOpset
 from .progress import Progress
 from .reconstruct.learn import ReconstructBlocks
+from .search.clustering import Codebook, cluster_weight
 from .search.criteria import activation_range, weight_scales
 from .search.mixed_precision import MixedPrecisionResult, choose_bit_widths, sensitivity_runs
 from .emit.saturation import pairs_overflow, reduced_weight_grid, resolve_weight_range
@@ -87,17 +92,17 @@ def normalize(model: ModelLike, config: Optional[QuantConfig] = None) -> tuple[g
     return run_passes(graph, normalization_passes(config))
 
 
-def equalize_on_data(graph: gs.Graph, normalized: onnx.ModelProto, calibration, samples: int = 64
-                     ) -> tuple[gs.Graph, onnx.ModelProto, PassRecord]:
+def equalize_on_data(graph: gs.Graph, normalized: onnx.ModelProto, calibration, samples: int = 64,
+                     absorb_high_bias: bool = False) -> tuple[gs.Graph, onnx.ModelProto, PassRecord]:
     """Cross-layer equalization on the per-channel ranges of the tensors between conv pairs.
 
     It needs the normalized float model run on data, so it runs after ``normalize`` rather than
     inside it; ``samples`` feeds are enough for channel maxima (the range search sees them all).
     """
     between = [second.inputs[0].name for _, second in equalization_pairs(graph)]
-    stats = collect_channel_stats(normalized, between, itertools.islice(iter(calibration), samples))
-    ranges = {name: value.channel_absmax for name, value in stats.items() if value.channel_absmax is not None}
-    graph, (record,) = run_passes(graph, [EqualizeCrossLayer(activation_ranges=ranges)])
+    ranges, minima = channel_extremes(normalized, between, itertools.islice(iter(calibration), samples))
+    config = EqualizeConfig(absorb_high_bias=absorb_high_bias)
+    graph, (record,) = run_passes(graph, [EqualizeCrossLayer(config, ranges, minima)])
     return graph, _export(graph), record
 
 
@@ -176,7 +181,8 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
     calibration_data = calibration_set(calibration, specs, config.calibration.max_samples)
     if config.equalize:
         started = time.perf_counter()
-        graph, normalized, record = equalize_on_data(graph, normalized, calibration_data)
+        graph, normalized, record = equalize_on_data(graph, normalized, calibration_data,
+                                                     absorb_high_bias=config.absorb_high_bias)
         records.append(record)
         timings["equalize"] = time.perf_counter() - started
     first = next(iter(calibration_data))
@@ -196,9 +202,17 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
     grid = activation_grid(config.activation_bits, rules.signed_activations)
     activation_params: dict[str, ActivationQuant] = {}
     methods = _activation_methods(graph, plan, config)
+    moved_ranges: dict[str, tuple] = {}
     for name in leaders:
         lo, hi = activation_range(histograms[name], methods.get(name, config.scale_search), grid, config.percentile,
                                   symmetric=rules.symmetric_activations)
+        cover = outlier_cover(channel_stats[name]) if config.outlier_aware_ranges and name in channel_stats else None
+        if cover is not None:
+            plain = (lo, hi)
+            lo, hi = activation_range(histograms[name], methods.get(name, config.scale_search), grid,
+                                      config.percentile, symmetric=rules.symmetric_activations, cover=cover)
+            if (lo, hi) != plain:
+                moved_ranges[name] = (plain, (lo, hi))
         scale, zero_point = (symmetric_params(max(-lo, hi), grid) if rules.symmetric_activations
                              else affine_params(lo, hi, grid))
         activation_params[name] = ActivationQuant(scale, zero_point, grid)
@@ -231,27 +245,103 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
         weight_params[slot.node] = WeightQuant(
             weight_scales(node.inputs[slot.input_index].values, slot.axis, settings.weight_scale_search, node_grid),
             slot.axis, node_grid)
+    int4: dict[str, Int4Weight] = {}
+    if config.fast and not config.clustered_weights:
+        before = plan
+        graph, plan, int4 = _weight_only_int4(graph, plan, widths, rules, floats, config, records)
+        nodes = {node.name: node for node in graph.nodes}
+        activation_params, histograms, methods, channel_stats, moved_ranges = (
+            _relead(found, before, plan) for found in (activation_params, histograms, methods, channel_stats,
+                                                       moved_ranges))
+    codebooks = _codebooks(graph, plan, weight_params, widths, grid_for(8)) if config.clustered_weights else {}
     timings["search"] = time.perf_counter() - started
 
     layers = _layer_rows(graph, plan, weight_params, activation_params, config, histograms, methods)
     for row in layers:
         if row["name"] in widths:
             row["nominal_bits"] = widths[row["name"]]   # what was asked; weight_bits is what the grid holds
+        if row["name"] in codebooks:
+            row.update(codebooks[row["name"]].as_row())
+        if row["name"] in int4:
+            row["weight_storage"] = storage_label(int4[row["name"]])
     _add_outliers(layers, channel_stats)
+    for row in layers:
+        if row.get("input_tensor") in moved_ranges:
+            row["input_outlier_range"] = [[float(v) for v in r] for r in moved_ranges[row["input_tensor"]]]  # [plain, chosen]
+    layer_grids = {slot.node: weight_params[slot.node].grid for slot in plan.weights}
     reconstruct = [] if config.fast else [ReconstructBlocks(normalized, list(calibration_data), wgrid,
-                                                            config.reconstruction, config.seed, progress)]
+                                                            config.reconstruction, config.seed, progress,
+                                                            layer_grids)]
     started = time.perf_counter()
-    insert = InsertQDQ(plan, activation_params, weight_params, rules.narrow_activation_clip)
+    weight_inputs = {slot.node: slot.input_index for slot in plan.weights}
+    clustering = [ClusterWeights(codebooks, weight_inputs)] if codebooks else []
+    weight_params |= {name: WeightQuant(book.scale, book.axis, book.grid) for name, book in codebooks.items()}
+    insert = InsertQDQ(replace(plan, weights=[s for s in plan.weights if s.node not in int4]), activation_params,
+                       weight_params, rules.narrow_activation_clip)
     correct = [CorrectBias(normalized, calibration_data, BiasCorrectionConfig(), config.seed, progress)
                ] if config.bias_correction else []
-    graph, emitted = run_passes(graph, [insert, *reconstruct, *correct, FoldWeightQuantizers(),
-                                        *([QuantizeBias()] if rules.int32_bias else [])])
+    store_int4 = [StoreInt4Weights(int4)] if int4 else []
+    graph, emitted = run_passes(graph, [*clustering, *store_int4, insert, *reconstruct, *correct,
+                                        FoldWeightQuantizers(),
+                                        *([QuantizeBias()] if rules.int32_bias else []),
+                                        *([EmitCodebookWeights(codebooks)] if codebooks else [])])
     timings["reconstruct_and_emit"] = time.perf_counter() - started
     records += emitted
-    result = QuantizeResult(_export(graph), records, layers, timings, calibration_data.count(),
+    quantized = _export(graph)
+    for store in store_int4:
+        pack_int4_initializers(quantized, store.initializers)
+    result = QuantizeResult(quantized, records, layers, timings, calibration_data.count(),
                             _hash_calibration(calibration_data), normalized, calibration_data)
     _write_metadata(result, config)
     return result
+
+
+def _codebooks(graph, plan, weight_params, widths, container: IntGrid) -> dict[str, Codebook]:
+    """Per-channel k-means codebooks at each layer's width, started from its uniform quantization and
+    held on ``container``, the grid 8-bit weights get here (so they cannot saturate u8 x s8 pairs).
+    A width with as many entries as the container has levels stays plain int8: nothing to choose."""
+    nodes = {node.name: node for node in graph.nodes}
+    return {slot.node: cluster_weight(nodes[slot.node].inputs[slot.input_index].values, slot.axis,
+                                      weight_params[slot.node].scale, weight_params[slot.node].grid,
+                                      widths[slot.node], container)
+            for slot in plan.weights if 2 ** widths[slot.node] < container.levels + 1}
+
+
+def _relead(by_leader: dict[str, Any], before, after) -> dict[str, Any]:
+    """``by_leader`` (keyed by the leaders of plan ``before``) keyed by the leaders of ``after``, which
+    quantizes a subset of the tensors. Where a passthrough chain lost its head, the tensor now leading it
+    takes what its old leader had: a passthrough op moves the values unchanged."""
+    return {after.leader(name): by_leader[before.leader(name)] for name in after.activations
+            if before.leader(name) in by_leader}
+
+
+def _weight_only_int4(graph: gs.Graph, plan, widths: dict[str, int], rules, floats: set[str], config: QuantConfig,
+                      records: list[PassRecord]) -> tuple[gs.Graph, Any, dict[str, Int4Weight]]:
+    """The <= 4-bit MatMul/Gemm layers stored as int4 with float inputs (emit/int4_matmul.py), with the
+    placement that leaves their inputs float and the graph at opset 21; none where the upgrade fails.
+
+    Fast recipe only: reconstruction learns per-channel weights behind a quantized input, so with
+    ``fast=False`` these layers keep the int8 container (values in [-7, 7] at 4 bits).
+    """
+    chosen = plan_weight_only(graph, rules, floats, config.float_patterns, widths)
+    notes = [f"{name} keeps the int8 container: {reason}" for name, reason in chosen.refused.items()]
+    if chosen.blocks:
+        try:
+            upgraded = UpgradeOpset(INT4_OPSET)(graph)
+        except ModelError as exc:
+            records.append(PassRecord("int4_weight_only", False, [f"int8 containers kept: {exc}", *notes]))
+            return graph, plan, {}
+        graph, plan, notes = upgraded.graph, chosen.plan, upgraded.notes + notes
+    nodes = {node.name: node for node in graph.nodes}
+    int4 = {}
+    for name, block in chosen.blocks.items():
+        node, grid = nodes[name], weight_grid(widths[name])
+        method = config.for_node(name, node.op).weight_scale_search
+        int4[name] = Int4Weight(block_weight_scales(matmul_weight(node), block, method, grid), block, grid)
+    if int4 or notes:
+        records.append(PassRecord("int4_weight_only", bool(int4), [
+            f"{len(int4)} MatMul/Gemm layers as int4 weight-only (MatMulNBits)", *notes]))
+    return graph, plan, int4
 
 
 def _mixed_precision(normalized, graph, plan, calibration_data, config: QuantConfig, grid_for, progress: bool
@@ -300,8 +390,8 @@ def _weight_row(node: gs.Node, slot, quant: WeightQuant, config: QuantConfig) ->
     channel_absmax = np.abs(np.moveaxis(weight, slot.axis, 0).reshape(weight.shape[slot.axis], -1)).max(axis=1)
     return {"name": node.name, "op": node.op, "output": node.outputs[0].name,
             "weight_bits": int(np.log2(quant.grid.qmax + 1)) + 1, "weight_count": int(weight.size),
-            # how the width is held: every width runs in an int8 container (onnxruntime's int4 Conv
-            # dequantizes per run), narrower grids as a clipped range in it
+            # how the width is held: an int8 container (onnxruntime's int4 Conv dequantizes per run),
+            # narrower grids as a clipped range in it; int4 weight-only MatMul/Gemm rows are relabelled
             "weight_storage": f"{np.dtype(quant.grid.dtype).name} [{quant.grid.qmin}, {quant.grid.qmax}]",
             "weight_scale_search": config.for_node(node.name, node.op).weight_scale_search,
             "weight_min": float(weight.min()), "weight_max": float(weight.max()),

@@ -51,9 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="reduced: 8-bit weights held to [-63, 63] so onnxruntime CPUs without VNNI do not"
                           " saturate; auto (default) reduces when this host lacks VNNI")
     quantize.add_argument("--seed", type=int, default=None, help="default 0")
-    quantize.add_argument("--fast", action="store_true", help="scale search only (the default for now)")
+    quantize.add_argument("--fast", action="store_true", help="scale search only, no block reconstruction: minutes faster")
+    quantize.add_argument("--clustered-weights", action="store_true",
+                          help="per-channel k-means codebooks of 2^wbits int8 entries instead of the uniform grid"
+                          " (needs --fast)")
     quantize.add_argument("--reconstruct", action="store_true",
-                          help="add block-wise reconstruction (AdaRound, LSQ steps, QPR affine; MAE loss): slower")
+                          help="block-wise reconstruction (AdaRound, LSQ steps, QPR affine; MAE loss): the default")
     quantize.add_argument("--calib-samples", type=int, default=None, help="use at most this many samples")
     quantize.add_argument("--budget-size", type=float, default=None, metavar="MB",
                           help="mixed precision: per-layer weight widths so that weights take at most MB"
@@ -69,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="cross-layer equalization of Conv->Relu->Conv pairs on calibrated channel ranges"
                                " (off by default: a no-op on the zoo, large gains only on unbalanced nets)")
     quantize.add_argument("--no-equalize", action="store_true", help="no cross-layer equalization, whatever the recipe")
+    quantize.add_argument("--absorb-high-bias", action=argparse.BooleanOptionalAction, default=None,
+                          help="with --equalize: move Relu channels' calibration minima into the next conv's bias"
+                               " (exact only on inputs that stay above them)")
+    quantize.add_argument("--outlier-ranges", action=argparse.BooleanOptionalAction, default=None,
+                          help="activation ranges reach the outlier channels' median-sample extremes")
     quantize.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
                           help="move each layer's mean output shift into its bias, measured on the calibration data")
     quantize.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
@@ -139,7 +147,9 @@ def _config(args) -> QuantConfig:
         "scale_search": args.scale_search, "weight_scale_search": args.weight_scale_search,
         "target": args.target, "seed": args.seed, "weight_range": args.weight_range,
         "fuse_branches": False if args.no_fuse else None, "equalize": True if args.equalize else (False if args.no_equalize else None),
-        "bias_correction": args.bias_correction,
+        "bias_correction": args.bias_correction, "outlier_aware_ranges": args.outlier_ranges,
+        "absorb_high_bias": args.absorb_high_bias,
+        "clustered_weights": True if args.clustered_weights else None,
         "fast": True if args.fast else (False if args.reconstruct else None),
         "keep_float": base.keep_float + tuple(args.keep_float) if args.keep_float else None,
     }

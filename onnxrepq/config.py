@@ -61,7 +61,7 @@ class ReconstructionConfig:
 @dataclass(frozen=True)
 class BiasCorrectionConfig:
     """Empirical bias correction (emit/bias_correction.py): each layer's mean output shift moved into its bias."""
-    max_samples: int = 64          # calibration samples run through both models per level
+    max_samples: int = 64          # calibration samples run once through each model (the notes give the shifts' standard error)
     # 0: one onnxruntime pass per dependency level, so a layer is measured after every layer it
     # depends on was corrected. A cap merges neighbouring levels (fewer passes) and counts their
     # shifts twice: on the zoo at 4-bit weights 4 bands for 10 levels lost 1-12 dB to 10.
@@ -128,20 +128,33 @@ class QuantConfig:
     # nets (+13 to +31 dB on synthetic ones) but changes nothing on the zoo, whose channels sit
     # within 3x of the median, and costs an extra calibration pass.
     equalize: bool = False
+    # With equalize: move calibration minima of Relu channels into the next conv's bias (off: not
+    # exact on inputs that dip below them; passes/equalize.py EqualizeConfig.absorb_high_bias).
+    absorb_high_bias: bool = False
     # Empirical bias correction after the scale search (and reconstruction), before emitting.
     bias_correction: bool = False
+    # Outlier-aware activation ranges: a tensor whose channels include outliers (find_outliers) gets a
+    # range that reaches those channels' median-sample min and max (channel_stats.outlier_cover).
+    # Off (BENCHMARKS.md): the zoo has no outlier channels (models unchanged); on PP-OCRv4 rec it
+    # lost 0.8 dB output SQNR and 3.5 points exact match (11.5 -> 10.7 dB, 0.665 -> 0.630), as
+    # 8-bit MSE already keeps most such channels and the wider grid costs the rest. It pays where
+    # the search clips a channel the output reads: +6.5 dB with MAE, +2.1 dB at 4-bit activations.
+    outlier_aware_ranges: bool = False
     # Op types or node names kept in float whatever the planner would do.
     keep_float: tuple[str, ...] = ()
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
-    # Scale search only (True) or block-wise reconstruction on top (False). Reconstruction gains
-    # about 2.6 dB output SQNR on PP-OCRv4 rec but takes 10 min there and over 30 min on PP-OCRv4
-    # det at 480x480, with no gain in rec exact match yet (BENCHMARKS.md): until it has a compute
-    # budget it is opt-in (--reconstruct), so an unattended pipeline never waits half an hour.
-    fast: bool = True
+    # Scale search only (True) or block-wise reconstruction on top (False, the default: the most
+    # accurate recipe). Reconstruction gained 1.6 dB output SQNR on PP-OCRv4 rec and 2.7 dB on the
+    # PP-OCR classifier (BENCHMARKS.md); the per-step element cap keeps PP-OCRv4 det at 480x480 near
+    # 6 min and rec near 5.5 min on 2 cores. `--fast` keeps scale search only (under a minute there).
+    fast: bool = False
     overrides: tuple[NodeOverride, ...] = ()
     # Per-layer weight widths chosen under a budget (RFQuant-style greedy search); off without one.
     mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
+    # Per-channel k-means codebooks of 2^weight_bits int8 entries instead of the uniform grid
+    # (search/clustering.py); emitted as indices + codebook that onnxruntime folds to int8 weights.
+    clustered_weights: bool = False
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "activation_bits"):
@@ -181,11 +194,13 @@ class QuantConfig:
                 raise UserError("mixed-precision candidate widths must be integers from 2 to 8")
             if mixed.samples < 1:
                 raise UserError("mixed-precision search needs at least 1 sample")
-            if not self.fast:
-                raise UserError("mixed precision needs the fast recipe (reconstruction learns one weight width)")
-        if not self.fast and any(o.weight_bits not in (None, self.weight_bits) for o in self.overrides):
-            # The block reconstruction learns every weight on one grid; mixed widths would be rounded wrong.
-            raise UserError("per-node weight_bits need fast = true (reconstruction uses one weight width)")
+        if self.clustered_weights and not self.fast:
+            raise UserError("clustered weights need the fast recipe (reconstruction learns rounding on the"
+                            " uniform grid): add --fast")
+        if self.clustered_weights and self.target != "ort-cpu":
+            raise UserError("clustered weights are emitted for onnxruntime only (it folds the codebook to int8"
+                            " weights at load): use --target ort-cpu")
+
 
     def with_(self, **changes) -> "QuantConfig":
         return replace(self, **changes)

@@ -124,3 +124,19 @@ def test_fp32_rec_reads_rendered_lines():
     outputs = runtime.run_batches(runtime.make_session(path), {"x": images}, 10)
     predictions = [ocr_data.ctc_greedy_decode(o, characters).strip() for o in outputs]
     assert metrics.exact_match(predictions, labels) >= 0.5
+
+
+def test_ablate_reconstruction_rows_are_finite():
+    """tools/ablate_reconstruction.py's core on a tiny net: one row per variant, finite scores, a table row."""
+    from tests.models_for_tests import conv_bn_model, run_ort, structured_images
+    from tools import ablate_reconstruction as ablate
+    model = conv_bn_model(channels=4, size=8)
+    images = structured_images(24, seed=3, size=8)
+    labels = np.argmax(run_ort(model, {"x": images[8:]})[0].reshape(16, -1), axis=1)
+    rows = ablate.ablate_model("tiny", model, {"x": images[:8]}, {"x": images[8:]}, labels,
+                               settings={(4, 8): ["fast", "base"]}, iterations=3)
+    assert [(r["bits"], r["variant"]) for r in rows] == [("W4A8", "fast"), ("W4A8", "base")]
+    assert all(np.isfinite([r["top1"], r["sqnr_db"], r["seconds"], r["fp32_top1"]]).all() for r in rows)
+    assert rows[0]["fp32_top1"] == 100.0 and rows[1]["blocks"].startswith("1 blocks")
+    table = ablate.markdown(rows)
+    assert "| tiny (100.00) | W4A8 | " in table and table.count("| tiny") == 1

@@ -136,10 +136,15 @@ def test_overrides_keep_float_and_narrow_weights(files):
     assert folded and all(np.abs(w).max() <= 7 for w in folded.values())  # the 4-bit grid [-7, 7]
 
 
-def test_per_node_weight_bits_need_fast():
-    with pytest.raises(UserError, match="fast"):
-        QuantConfig(fast=False, overrides=(NodeOverride("Conv", weight_bits=4),))
-    assert QuantConfig(overrides=(NodeOverride("Conv", weight_bits=4),)).overrides[0].weight_bits == 4
+def test_per_node_weight_bits_hold_under_reconstruction(files):
+    """Per-node widths are accepted by the reconstruction recipe and the emitted weights stay on the override's grid."""
+    result = quantize_with_result(str(files / "model.onnx"), str(files / "calib.npy"), EXPECTED.with_(fast=False))
+    assert any(record.name == "reconstruct_blocks" and record.modified for record in result.passes)
+    rows = {row["op"]: row for row in result.layers if "weight_bits" in row}
+    assert rows["Conv"]["weight_bits"] == 4
+    folded = [onnx.numpy_helper.to_array(init) for init in result.model.graph.initializer
+              if init.data_type == onnx.TensorProto.INT8 and len(init.dims) == 4]
+    assert folded and all(np.abs(w).max() <= 7 for w in folded)
 
 
 def test_metadata_is_complete_and_the_recipe_round_trips(files):

@@ -4,7 +4,10 @@ The pooled histogram (histogram.py) says how wide a tensor is, not why: RepAPQ (
 observes that re-parameterized nets put their outliers in a few channels and a few samples.
 Which channels matters to equalization (a per-channel scale can move a channel's range into the
 next conv's weights); which samples matters to the range search (a range set by one sample in a
-hundred is spent on that sample). Memory is one vector per tensor plus two scalars per sample.
+hundred is spent on that sample), and both together say which outliers a range must keep: a
+channel large in a typical sample carries signal in every sample, a spike in a few samples does
+not. Memory is one vector per tensor, a fixed reservoir of per-sample channel extremes, and two
+scalars per sample.
 """
 from __future__ import annotations
 
@@ -28,6 +31,13 @@ class ChannelStats:
     elements_per_channel: int = 0
     sample_absmax: list = field(default_factory=list)   # max |x| of each sample, in feed order
     sample_channel: list = field(default_factory=list)  # the channel holding that maximum
+    # A uniform sample (Vitter's algorithm R, seeded) of at most reservoir_size rows of per-sample
+    # channel max and min: fixed memory, and exact while the calibration set is that small.
+    reservoir_size: int = 32
+    reservoir_max: Optional[np.ndarray] = None      # (rows, channels)
+    reservoir_min: Optional[np.ndarray] = None
+    samples_seen: int = 0
+    _rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0), repr=False)
 
     def update(self, value: np.ndarray) -> None:
         value = np.asarray(value, dtype=np.float32)
@@ -46,6 +56,26 @@ class ChannelStats:
         self.elements_per_channel += batch * per_sample.shape[2]
         self.sample_absmax += [float(v) for v in sample_channel_max.max(axis=1)]
         self.sample_channel += [int(c) for c in sample_channel_max.argmax(axis=1)]
+        signed = value.reshape(batch, channels, -1)
+        self._keep(signed.max(axis=2), signed.min(axis=2))
+
+    def _keep(self, sample_max: np.ndarray, sample_min: np.ndarray) -> None:
+        if self.reservoir_max is None:
+            self.reservoir_max = np.zeros((0, sample_max.shape[1]), np.float32)
+            self.reservoir_min = np.zeros((0, sample_max.shape[1]), np.float32)
+        for row_max, row_min in zip(sample_max, sample_min):
+            if len(self.reservoir_max) < self.reservoir_size:
+                self.reservoir_max = np.vstack([self.reservoir_max, row_max])
+                self.reservoir_min = np.vstack([self.reservoir_min, row_min])
+            else:
+                slot = int(self._rng.integers(self.samples_seen + 1))
+                if slot < self.reservoir_size:
+                    self.reservoir_max[slot], self.reservoir_min[slot] = row_max, row_min
+            self.samples_seen += 1
+
+    def typical_channel_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per channel, the median over samples of the sample's min and of its max."""
+        return np.median(self.reservoir_min, axis=0), np.median(self.reservoir_max, axis=0)
 
     @property
     def channel_mean_abs(self) -> np.ndarray:
@@ -55,6 +85,8 @@ class ChannelStats:
         """The statistics of ``x / scale`` (per channel): what an exact per-channel rescale does to them."""
         self.channel_absmax = self.channel_absmax / scale
         self.channel_abs_sum = self.channel_abs_sum / scale
+        if self.reservoir_max is not None:
+            self.reservoir_max, self.reservoir_min = self.reservoir_max / scale, self.reservoir_min / scale
 
 
 def collect_channel_stats(model: onnx.ModelProto, tensors: Sequence[str], feeds: Iterable[Feed]
@@ -108,3 +140,22 @@ def _above(values: np.ndarray, factor: float) -> tuple[list[int], float]:
         return [], 1.0
     median = float(np.median(live))
     return [int(i) for i in np.flatnonzero(values > factor * median)], float(live.max() / median)
+
+
+def outlier_cover(stats: ChannelStats, factor: float = 8.0) -> Optional[tuple[float, float]]:
+    """The [lo, hi] a tensor's range must reach so that no outlier channel is clipped in a typical sample.
+
+    A per-tensor search on the pooled histogram weighs a channel by its share of the elements, so
+    a channel 10x the others is one tail bin it may clip; yet the next layer may read that channel
+    as its main signal (re-parameterized nets put whole features there, RepAPQ). The outlier
+    channels (find_outliers) are therefore kept up to their median-sample extremes; beyond those,
+    in the rarer samples, clipping stays the search's choice, so spikes in a few samples do not
+    stretch the grid. None when the tensor has no outlier channel.
+    """
+    if stats.reservoir_max is None or not len(stats.reservoir_max):
+        return None
+    channels = list(find_outliers(stats, factor).channels)
+    if not channels:
+        return None
+    typical_min, typical_max = stats.typical_channel_range()
+    return min(float(typical_min[channels].min()), 0.0), max(float(typical_max[channels].max()), 0.0)

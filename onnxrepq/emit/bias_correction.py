@@ -20,8 +20,15 @@ Order: the quantized output includes the shifts of every layer before it, so a l
 together with its predecessors also corrects their shift, which their own correction removes
 again: counted twice (on the zoo at 4-bit weights, correcting all layers at once lost 2-5 dB
 where one level at a time gained up to 3.4). Layers are therefore corrected level by level of the
-dependency order, each level measured after the levels before it were corrected: one
-onnxruntime pass over the data per level; layers of parallel branches share a level.
+dependency order, each level measured after the levels before it were corrected; layers of
+parallel branches share a level.
+
+Cost: the quantized graph is cut at each level's layer outputs, and each piece runs once over the
+data on the tensors the pieces before it left. A bias moves its layer's output by exactly the
+added value, so the stored output is shifted in place of running everything upstream again: the
+data crosses the quantized graph once in all, not once per level (PP-OCRv4 rec, 47 levels: the
+per-level full passes took 357 s, BENCHMARKS.md). Per-sample means give each shift's standard
+error, reported in the notes.
 
 Where the shift is measured (``measure``): at the layer output, before its Relu/Clip and before
 any QuantizeLinear ("layer"), or, for a layer whose only consumer is a Relu/Clip, the bias that
@@ -82,24 +89,34 @@ class CorrectBias:
         use_activation = self.config.measure == "activation"
         targets = _float_means(self.float_model, layers, feeds, use_activation)
         bands = _bands(graph, layers, self.config.max_bands)
+        # Merged levels hold layers that feed each other: a shifted stored output would miss the
+        # correction of the layers before it in its band, so such a piece is run again instead.
+        merged = len(bands) < len(_bands(graph, layers, 0))
+        pieces = _Pieces(gs.export_onnx(graph), bands, feeds)
         generator = np.random.default_rng(self.seed)
+        errors: dict[str, float] = {}
         with Progress("correcting biases", total=len(bands) * len(feeds), enabled=self.progress) as bar:
-            for chosen in bands:
-                stats = _quantized_stats(graph, chosen, feeds, use_activation, self.config.values_per_channel,
+            for index, chosen in enumerate(bands):
+                stats = _quantized_stats(pieces, index, chosen, use_activation, self.config.values_per_channel,
                                          generator, bar.update)
                 for layer in chosen:
-                    mean, values = stats[layer.output.name]
-                    layer_mean, activation_mean = targets[layer.output.name]
-                    shift = layer_mean - mean
+                    sums, values = stats[layer.output.name]
+                    means = targets[layer.output.name]
+                    shift = means.layer_mean - sums.sum(axis=0) / means.count
+                    errors[layer.node.name] = _relative_error(means.feed_sums - sums, means.feed_counts, shift)
                     if values is not None and layer.activation is not None:
-                        shift = _activation_shift(values, activation_mean, layer.activation, shift)
+                        shift = _activation_shift(values, means.activation_mean, layer.activation, shift)
                     if not _add_to_bias(layer, shift):
                         refused.append(f"{layer.node.name}: bias does not hold one value per channel")
+                    elif not merged:
+                        pieces.shift(layer, shift)
+                if merged:
+                    pieces.rerun(index, gs.export_onnx(graph))
         layers = [layer for layer in layers if layer.correction is not None]
         graph.cleanup().toposort()
         size = float(np.mean([np.abs(layer.correction).mean() for layer in layers])) if layers else 0.0
         notes = [f"{len(layers)} biases corrected in {len(bands)} bands over {len(feeds)} samples"
-                 f" (mean |correction| {size:.3g})"] + refused
+                 f" (mean |correction| {size:.3g})"] + _error_notes(errors) + refused
         return PassResult(graph, bool(layers), notes)
 
     def _feeds(self) -> list[dict[str, np.ndarray]]:
@@ -196,7 +213,7 @@ def _activation(tensor: gs.Tensor) -> Optional[gs.Node]:
 def _bounds(activation: gs.Node) -> tuple[float, float]:
     if activation.op == "Relu":
         return 0.0, np.inf
-    values = [constant_value(t) if len(activation.inputs) > i and activation.inputs[i].name else None
+    values = [constant_value(activation.inputs[i]) if len(activation.inputs) > i and activation.inputs[i].name else None
               for i in (1, 2)]
     low = float(values[0]) if values[0] is not None else -np.inf
     high = float(values[1]) if values[1] is not None else np.inf
@@ -204,47 +221,182 @@ def _bounds(activation: gs.Node) -> tuple[float, float]:
 
 
 def _channel_rows(value: np.ndarray, axis: int) -> np.ndarray:
-    """``value`` as [channels, everything else]."""
-    return np.moveaxis(np.asarray(value, np.float64), axis, 0).reshape(value.shape[axis], -1)
+    """``value`` as [channels, everything else], in its own precision (sums accumulate in float64)."""
+    return np.moveaxis(np.asarray(value), axis, 0).reshape(value.shape[axis], -1)
+
+
+@dataclass
+class _FloatMeans:
+    """One layer's float output: per-feed channel sums (for the standard error) and the overall means."""
+
+    feed_sums: np.ndarray          # [feeds, channels]
+    feed_counts: np.ndarray        # [feeds] values per channel in each feed
+    activation_sums: np.ndarray    # [channels] after the Relu/Clip, zeros where not measured
+
+    @property
+    def count(self) -> int:
+        return int(self.feed_counts.sum())
+
+    @property
+    def layer_mean(self) -> np.ndarray:
+        return self.feed_sums.sum(axis=0) / self.count
+
+    @property
+    def activation_mean(self) -> np.ndarray:
+        return self.activation_sums / self.count
 
 
 def _float_means(model: onnx.ModelProto, layers: list[_Layer], feeds, use_activation: bool
-                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per layer, the float output's channel means before and (where measured) after the activation."""
+                 ) -> dict[str, _FloatMeans]:
+    """Per layer, the float output's channel sums before and (where measured) after the activation."""
     names = [layer.output.name for layer in layers]
-    sums: dict[str, list] = {name: [0.0, 0.0] for name in names}
-    counts = dict.fromkeys(names, 0)
+    sums: dict[str, list] = {name: [] for name in names}
+    counts: dict[str, list] = {name: [] for name in names}
+    activated: dict[str, np.ndarray] = dict.fromkeys(names, 0.0)
     session = session_for(model, names)
     for values in run_tensors(session, feeds, names):
         for layer in layers:
             rows = _channel_rows(values[layer.output.name], layer.channel_axis)
-            sums[layer.output.name][0] += rows.sum(axis=1)
+            sums[layer.output.name].append(rows.sum(axis=1, dtype=np.float64))
+            counts[layer.output.name].append(rows.shape[1])
             if use_activation and layer.activation is not None:
-                sums[layer.output.name][1] += np.clip(rows, *_bounds(layer.activation)).sum(axis=1)
-            counts[layer.output.name] += rows.shape[1]
-    return {name: (sums[name][0] / counts[name], sums[name][1] / counts[name]) for name in names}
+                activated[layer.output.name] = activated[layer.output.name] + \
+                    np.clip(rows, *_bounds(layer.activation)).sum(axis=1, dtype=np.float64)
+    return {name: _FloatMeans(np.stack(sums[name]), np.asarray(counts[name], np.float64),
+                              np.broadcast_to(activated[name], sums[name][0].shape))
+            for name in names}
 
 
-def _quantized_stats(graph: gs.Graph, layers: list[_Layer], feeds, use_activation: bool, keep: int,
+def _quantized_stats(pieces: "_Pieces", index: int, layers: list[_Layer], use_activation: bool, keep: int,
                      generator: np.random.Generator, update) -> dict[str, tuple[np.ndarray, Optional[np.ndarray]]]:
-    """Per layer, the simulation graph's channel means and, where needed, a sample of its values."""
+    """Per layer, the simulation graph's per-feed channel sums and, where needed, a sample of its values."""
     names = [layer.output.name for layer in layers]
-    session = session_for(gs.export_onnx(graph), names)
-    sums: dict[str, np.ndarray] = {}
+    sums: dict[str, list] = {name: [] for name in names}
     samples: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    counts = dict.fromkeys(names, 0)
-    per_feed = max(1, keep // max(len(feeds), 1))
-    for values in run_tensors(session, feeds, names):
+    per_feed = max(1, keep // max(len(pieces.feeds), 1))
+    for values in pieces.run(index, names):
         for layer in layers:
             rows = _channel_rows(values[layer.output.name], layer.channel_axis)
-            sums[layer.output.name] = sums.get(layer.output.name, 0.0) + rows.sum(axis=1)
-            counts[layer.output.name] += rows.shape[1]
+            sums[layer.output.name].append(rows.sum(axis=1, dtype=np.float64))
             if use_activation and layer.activation is not None:
                 picked = generator.choice(rows.shape[1], min(per_feed, rows.shape[1]), replace=False)
-                samples[layer.output.name].append(rows[:, picked])
+                samples[layer.output.name].append(rows[:, picked].astype(np.float64))
         update()
-    return {name: (sums[name] / counts[name], np.concatenate(samples[name], axis=1) if samples[name] else None)
+    return {name: (np.stack(sums[name]), np.concatenate(samples[name], axis=1) if samples[name] else None)
             for name in names}
+
+
+def _relative_error(differences: np.ndarray, counts: np.ndarray, shift: np.ndarray) -> float:
+    """The standard error of the mean shift over the feeds, as a fraction of the mean |shift|.
+
+    ``differences``: per feed and channel, the sum of (float - quantized); small means the shift
+    has converged and fewer samples would do.
+    """
+    if len(counts) < 2:
+        return float("nan")
+    per_feed = differences / counts[:, None]
+    error = per_feed.std(axis=0, ddof=1) / np.sqrt(len(counts))
+    return float(error.mean() / max(float(np.abs(shift).mean()), 1e-30))
+
+
+def _error_notes(errors: dict[str, float]) -> list[str]:
+    finite = {name: value for name, value in errors.items() if np.isfinite(value)}
+    if not finite:
+        return []
+    worst = max(finite, key=finite.get)
+    return [f"standard error of the measured shifts: median {np.median(list(finite.values())):.1%} of the mean"
+            f" |shift| (largest {finite[worst]:.1%}, {worst})"]
+
+
+class _Pieces:
+    """The simulation graph cut at each band's layer outputs, run one piece at a time.
+
+    Piece k holds the nodes that band k's layer outputs depend on and no earlier piece ran; it
+    reads the graph inputs and the tensors earlier pieces stored (each kept until its last reader
+    has run). Nodes no band depends on (the head after the last layer) never run.
+    """
+
+    def __init__(self, model: onnx.ModelProto, bands: list[list[_Layer]], feeds: list[dict[str, np.ndarray]]):
+        self.model, self.feeds = model, feeds
+        nodes = model.graph.node
+        producers = {name: i for i, node in enumerate(nodes) for name in node.output if name}
+        reads = [_node_inputs(node) for node in nodes]
+        owner: dict[int, int] = {}
+        self.pieces: list[list[int]] = []
+        for index, band in enumerate(bands):
+            stack, piece = [producers[layer.output.name] for layer in band], []
+            while stack:
+                node = stack.pop()
+                if node in owner:
+                    continue
+                owner[node] = index
+                piece.append(node)
+                stack += [producers[name] for name in reads[node] if name in producers]
+            self.pieces.append(sorted(piece))
+        self.last_use: dict[str, int] = {}   # a tensor one piece makes and a later one reads -> its last reader
+        for index, piece in enumerate(self.pieces):
+            for name in (name for node in piece for name in reads[node]):
+                if name in producers and owner.get(producers[name], index) != index:
+                    self.last_use[name] = index
+        self.stored: dict[str, list[np.ndarray]] = {}
+
+    def run(self, index: int, names: list[str]) -> Iterable[dict[str, np.ndarray]]:
+        """Yield, feed by feed, piece ``index``'s values of ``names``, storing what later pieces read."""
+        for name in [n for n, last in self.last_use.items() if last < index and n in self.stored]:
+            del self.stored[name]
+        made = {output for node in self.pieces[index] for output in self.model.graph.node[node].output}
+        kept = [name for name in made if self.last_use.get(name, -1) > index]
+        outputs = list(dict.fromkeys(names + kept))
+        if not outputs:
+            return
+        initializers = {tensor.name: tensor for tensor in self.model.graph.initializer}
+        # read from the current model: a corrected bias may be a new constant
+        reads = list(dict.fromkeys(name for node in self.pieces[index]
+                                   for name in _node_inputs(self.model.graph.node[node])))
+        inputs = [name for name in reads if name not in made and name not in initializers]
+        session = session_for(self._piece_model(index, inputs, [initializers[n] for n in reads if n in initializers]),
+                              outputs)
+        for feed_index, feed in enumerate(self.feeds):
+            given = {name: self.stored[name][feed_index] if name in self.stored else feed[name] for name in inputs}
+            values = dict(zip(outputs, session.run(outputs, given)))
+            for name in kept:
+                self.stored.setdefault(name, [None] * len(self.feeds))[feed_index] = values[name]
+            yield values
+
+    def _piece_model(self, index: int, inputs: list[str], initializers: list) -> onnx.ModelProto:
+        declared = {value.name: value for value in self.model.graph.input}
+        values = [declared[name] if name in declared else onnx.helper.make_tensor_value_info(
+            name, onnx.helper.np_dtype_to_tensor_dtype(self.stored[name][0].dtype), None) for name in inputs]
+        graph = onnx.helper.make_graph([self.model.graph.node[node] for node in self.pieces[index]],
+                                       f"piece_{index}", values, [], initializers)
+        piece = onnx.helper.make_model(graph, opset_imports=self.model.opset_import,
+                                       ir_version=self.model.ir_version)
+        piece.functions.extend(self.model.functions)
+        return piece
+
+    def shift(self, layer: _Layer, shift: np.ndarray) -> None:
+        """Move a stored layer output as its corrected bias moves it."""
+        for value in self.stored.get(layer.output.name, []):
+            shape = [1] * value.ndim
+            shape[layer.channel_axis] = -1
+            value += shift.astype(value.dtype).reshape(shape)   # onnxruntime hands out arrays it no longer holds
+
+    def rerun(self, index: int, model: onnx.ModelProto) -> None:
+        """Run piece ``index`` again on ``model`` (the graph with this band's biases corrected)."""
+        self.model = model
+        for _ in self.run(index, []):
+            pass
+
+
+def _node_inputs(node: onnx.NodeProto) -> list[str]:
+    """The tensors a node reads, including those its subgraphs (If, Loop) take from the outer graph."""
+    names = list(node.input)
+    for attribute in node.attribute:
+        for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+            defined = {value.name for value in subgraph.input} | {t.name for t in subgraph.initializer} | \
+                {output for inner in subgraph.node for output in inner.output}
+            names += [name for inner in subgraph.node for name in _node_inputs(inner) if name not in defined]
+    return [name for name in dict.fromkeys(names) if name]
 
 
 def _activation_shift(values: np.ndarray, target: np.ndarray, activation: gs.Node,

@@ -19,6 +19,7 @@ import onnxruntime as ort
 INTEGER_KERNELS = frozenset({
     "QLinearConv", "NhwcQLinearConv", "QLinearConvTranspose", "ConvInteger", "QLinearMatMul", "MatMulInteger",
     "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm", "DynamicQuantizeLSTM", "QAttention",
+    "MatMulNBits",   # int4 weights; at its default accuracy level 4 the input is quantized to int8 inside
 })
 # The same computations left in float (NCHWc's Conv keeps the op type "Conv" in com.microsoft.nchwc).
 FLOAT_COMPUTE = frozenset({

@@ -34,6 +34,8 @@ class QuantPlan:
     shared: dict[str, str] = field(default_factory=dict)
     # node name -> why it stays float although it is an anchor
     left_float: dict[str, str] = field(default_factory=dict)
+    # anchors with a quantized weight but float input and output (int4 MatMulNBits, emit/int4_matmul.py)
+    weight_only: frozenset[str] = frozenset()
 
     def leader(self, tensor: str) -> str:
         while tensor in self.shared:
@@ -42,9 +44,14 @@ class QuantPlan:
 
 
 def plan_quantization(graph: gs.Graph, rules: TargetRules, float_tensors: set[str],
-                      keep_float: tuple[str, ...] = ()) -> QuantPlan:
-    """Plan Q/DQ placement. ``float_tensors`` names the activations observed to be float32."""
-    plan = QuantPlan()
+                      keep_float: tuple[str, ...] = (), weight_only: frozenset[str] = frozenset()) -> QuantPlan:
+    """Plan Q/DQ placement. ``float_tensors`` names the activations observed to be float32.
+
+    ``weight_only`` names anchors whose kernel takes float activations (MatMulNBits): their weight
+    is planned, but they ask for no Q/DQ on their input or output, and do not count as integer
+    consumers of what feeds them.
+    """
+    plan = QuantPlan(weight_only=frozenset(weight_only))
     quantized: dict[str, None] = {}  # ordered set
 
     def mark(tensor: gs.Tensor) -> None:
@@ -68,6 +75,8 @@ def plan_quantization(graph: gs.Graph, rules: TargetRules, float_tensors: set[st
             continue
         if slot is not None:
             plan.weights.append(slot)
+        if slot is not None and node.name in plan.weight_only:
+            continue
         for tensor in activations:
             mark(tensor)
         output = _absorbed_output(graph, node, rules)
@@ -88,7 +97,8 @@ def plan_quantization(graph: gs.Graph, rules: TargetRules, float_tensors: set[st
             inputs = [t for t in node.inputs if not isinstance(t, gs.Constant) and t.name]
             if not inputs or any(t.name not in float_tensors for t in [output, *inputs]):
                 continue
-            if is_graph_output(output, graph) or not _feeds_integer_op(output, rules, quantized, keep_float):
+            if is_graph_output(output, graph) or not _feeds_integer_op(
+                    output, rules, quantized, keep_float, plan.weight_only):
                 continue
             pending = [t for t in inputs if t.name not in quantized]
             if pending and not (node.op in rules.int8_ops and all(
@@ -106,9 +116,10 @@ def plan_quantization(graph: gs.Graph, rules: TargetRules, float_tensors: set[st
     return plan
 
 
-def _feeds_integer_op(tensor: gs.Tensor, rules: TargetRules, quantized, keep_float) -> bool:
+def _feeds_integer_op(tensor: gs.Tensor, rules: TargetRules, quantized, keep_float,
+                      weight_only: frozenset[str] = frozenset()) -> bool:
     for consumer in tensor.outputs:
-        if _kept_float(consumer, keep_float):
+        if _kept_float(consumer, keep_float) or consumer.name in weight_only:
             continue
         if consumer.op in rules.anchors or consumer.op in rules.int8_ops or consumer.op in rules.passthrough_ops:
             return True

@@ -11,6 +11,8 @@ onnxruntime CPU (its QDQ selectors, onnxruntime/core/optimizer/qdq_transformer/s
   Clip(0, 6) likewise, only when the Q range lies inside [0, 6].
 - A DQ shared by two consumers is as good as one DQ each (both convs become QLinearConv).
 - ConvTranspose stays float whatever its weight layout; HardSwish and HardSigmoid stay float.
+- DQ(int4, axis 0, block_size) -> MatMul/Gemm on a float input becomes com.microsoft MatMulNBits
+  (conditions in emit/int4_matmul.py); an int4 Conv weight is dequantized on every run instead.
 Each line above: checked on onnxruntime 1.32 by tests/emit/test_ort_cpu_rules.py.
 Concat, AveragePool, GlobalAveragePool, Sigmoid, LeakyRelu and Resize are from the selector
 source, not checked by a test here (QLinearConcat and QLinearGlobalAveragePool do appear in the
@@ -53,6 +55,10 @@ class TargetRules:
     narrow_activation_clip: str = "integer"
     # u8 x s8 products are summed in int16 pairs on x86 without VNNI (see emit/saturation.py).
     u8s8_pair_saturation: bool = True
+    # Anchors whose weight at <= 4 bits is stored as true int4 behind a block-wise DequantizeLinear,
+    # input left float, for the runtime's weight-only kernel (emit/int4_matmul.py). Empty: every
+    # width stays in an int8 container.
+    weight_only_int4: frozenset[str] = frozenset()
 
 
 ORT_CPU = TargetRules(
@@ -63,6 +69,7 @@ ORT_CPU = TargetRules(
     absorbed_activations=frozenset({"Relu", "Clip"}),
     signed_activations=False,
     symmetric_activations=False,
+    weight_only_int4=frozenset({"MatMul", "Gemm"}),   # MatMulNBits; no int4 Conv kernel
 )
 
 TENSORRT = TargetRules(

@@ -65,10 +65,12 @@ class ReconstructBlocks:
     name = "reconstruct_blocks"
 
     def __init__(self, float_model: onnx.ModelProto, feeds: Sequence[Feed], weight_grid: IntGrid,
-                 config: ReconstructionConfig = ReconstructionConfig(), seed: int = 0, progress: bool = False):
+                 config: ReconstructionConfig = ReconstructionConfig(), seed: int = 0, progress: bool = False,
+                 layer_grids: Mapping[str, IntGrid] = {}):
         self.float_model = float_model
         self.feeds = [{name: np.asarray(value) for name, value in feed.items()} for feed in feeds]
         self.weight_grid = weight_grid
+        self.layer_grids = dict(layer_grids)   # layer node name -> its weight grid, where it is not weight_grid
         self.config = config
         self.seed = seed
         self.progress = progress
@@ -114,7 +116,8 @@ class ReconstructBlocks:
         module = GraphModule(graph, inputs, supervised or outputs, ste=True)
         quantizers = BlockQuantizers(module, graph, self.weight_grid, frozen,
                                      adaround=adaround and config.rounding == "adaround",
-                                     affine=config.affine, learn_scales=config.learn_activation_scales)
+                                     affine=config.affine, learn_scales=config.learn_activation_scales,
+                                     layer_grids=self.layer_grids)
         if not supervised:
             return quantizers, (float("nan"), float("nan"))
         data = _BlockData(inputs, supervised, cache, targets, config.loss)
@@ -140,6 +143,11 @@ class ReconstructBlocks:
                     bar.update()
         with torch.no_grad():
             learned = evaluate()
+            if learned > nearest:
+                # the soft-to-hard rounding step lost more than learning gained (seen on a lone
+                # first conv): keep the scale search's quantizers, so no block ends worse than it began
+                quantizers.reset()
+                learned = nearest
         return quantizers, (float(nearest), float(learned))
 
 

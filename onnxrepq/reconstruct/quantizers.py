@@ -14,7 +14,7 @@ exactly ``integers * s'`` with ``s' = s * gamma``, so that QuantizeLinear gives 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -145,7 +145,7 @@ class BlockQuantizers:
     """
 
     def __init__(self, module: GraphModule, graph: gs.Graph, grid: IntGrid, frozen: set[str],
-                 adaround: bool, affine: bool, learn_scales: bool):
+                 adaround: bool, affine: bool, learn_scales: bool, layer_grids: Mapping[str, IntGrid] = {}):
         constants = {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
         self.weights: list[WeightQuantizer] = []
         self.scales: list[ActivationScale] = []
@@ -153,7 +153,7 @@ class BlockQuantizers:
             if node.op != "QuantizeLinear":
                 continue
             if node.inputs[0].name in module.quantized_weights():
-                self.weights.append(_weight_quantizer(node, grid, adaround, affine))
+                self.weights.append(_weight_quantizer(node, grid, adaround, affine, layer_grids))
         if learn_scales:
             groups = _scale_groups(graph, constants)
             seen: set[str] = set()
@@ -182,6 +182,17 @@ class BlockQuantizers:
             values.update(scale.overrides())
         return values
 
+    def reset(self) -> None:
+        """Back to the scale search's result: nearest rounding, searched steps, no affine."""
+        with torch.no_grad():
+            for weight in self.weights:
+                weight.rounding = None
+                for parameter in (weight.log_gamma, weight.beta):
+                    if parameter is not None:
+                        parameter.zero_()
+            for scale in self.scales:
+                scale.relative.fill_(1.0)
+
     def regulariser(self, beta: float) -> torch.Tensor:
         terms = [w.regulariser(beta) for w in self.weights if w.rounding is not None]
         return torch.stack(terms).mean() if terms else torch.zeros(())
@@ -195,9 +206,14 @@ class BlockQuantizers:
         return [c.name for s in self.scales for c in s.constants]
 
 
-def _weight_quantizer(node: gs.Node, grid: IntGrid, adaround: bool, affine: bool) -> WeightQuantizer:
+def _weight_quantizer(node: gs.Node, grid: IntGrid, adaround: bool, affine: bool,
+                      layer_grids: Mapping[str, IntGrid]) -> WeightQuantizer:
     dequantize = next(c for c in node.outputs[0].outputs if c.op == "DequantizeLinear")
     layer = dequantize.outputs[0].outputs[0] if dequantize.outputs[0].outputs else None
+    if layer is not None:
+        # the layer's own width where widths differ (mixed precision, per-node overrides): the
+        # weight arrives pre-clipped to it, but AdaRound could still round its edge values outward
+        grid = layer_grids.get(layer.name, grid)
     bias = None
     if layer is not None and layer.op == "Conv" and len(layer.inputs) > 2 and isinstance(layer.inputs[2], gs.Constant):
         bias = layer.inputs[2]

@@ -61,7 +61,9 @@ def cut_at_articulations(index: NodeIndex, nodes: Sequence[gs.Node]) -> list[lis
     predecessors: list[list[int]] = [[] for _ in range(len(nodes) + 2)]
     for i, node in enumerate(nodes, start=1):
         inside = sorted({members[id(p)] for p in index.producers(node) if id(p) in members})
-        reads_outside = any(not t.inputs or id(t.inputs[0]) not in members
+        # a producer outside the index computes only from constants (a weight's DequantizeLinear):
+        # not an entry into the region, or no node of a QDQ graph would ever be an articulation
+        reads_outside = any(not t.inputs or (id(t.inputs[0]) in index.position and id(t.inputs[0]) not in members)
                             for t in node.inputs if not isinstance(t, gs.Constant) and t.name)
         predecessors[i] = ([entry] if reads_outside or not inside else []) + inside
         if _leaves(index, node, members):

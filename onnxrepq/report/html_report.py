@@ -159,7 +159,9 @@ def _outliers(row: dict) -> str:
     more = lambda shown, count: ", ..." if count > len(shown) else ""
     return (f"{row['outlier_channel_count']} ch [{', '.join(map(str, channels))}{more(channels, row['outlier_channel_count'])}]"
             f" {row['channel_range_ratio']:.1f}x; {row['outlier_sample_count']} samples"
-            f" [{', '.join(map(str, samples))}{more(samples, row['outlier_sample_count'])}] {row['sample_range_ratio']:.1f}x")
+            f" [{', '.join(map(str, samples))}{more(samples, row['outlier_sample_count'])}] {row['sample_range_ratio']:.1f}x"
+            + ("; range [{:.4g}, {:.4g}] -> [{:.4g}, {:.4g}]".format(*sum(row["input_outlier_range"], []))
+               if "input_outlier_range" in row else ""))
 
 
 def _spread(channel_absmax: Sequence[float]) -> str:

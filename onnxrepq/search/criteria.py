@@ -5,6 +5,8 @@ outliers that re-parameterized layers carry: MSE spends range on them, MAE spend
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from ..calibrate.histogram import StreamingHistogram
@@ -21,26 +23,60 @@ def _power(method: str) -> float:
 
 
 def activation_range(hist: StreamingHistogram, method: str, grid: IntGrid, percentile: float = 99.99,
-                     symmetric: bool = False) -> tuple[float, float]:
-    """The [lo, hi] range (always containing 0) to quantize a tensor with."""
+                     symmetric: bool = False, cover: Optional[tuple[float, float]] = None) -> tuple[float, float]:
+    """The [lo, hi] range (always containing 0) to quantize a tensor with.
+
+    ``cover`` is a range the result must reach (channel_stats.outlier_cover): the error search then
+    picks the best of the candidates widened to it, so the other end can still move to suit.
+    """
     lo, hi = min(hist.min, 0.0), max(hist.max, 0.0)
     if hi - lo <= 0 or not np.isfinite(lo) or not np.isfinite(hi):
         return 0.0, 1e-8
+    if cover is not None:
+        cover = (max(min(cover[0], 0.0), lo), min(max(cover[1], 0.0), hi))  # inside what was observed
     if method == "minmax":
         pass
     elif method == "percentile":
         hi = max(hist.percentile(percentile), 0.0) if hist.max > 0 else 0.0
         lo = min(hist.percentile(100.0 - percentile), 0.0) if hist.min < 0 else 0.0
+        if cover is not None:
+            lo, hi = min(lo, cover[0]), max(hi, cover[1])
     else:
-        lo, hi = _search(hist, _power(method), grid, lo, hi, symmetric)
+        lo, hi = _search(hist, _power(method), grid, lo, hi, symmetric, cover)
     if symmetric:
         reach = max(-lo, hi)
         return -reach, reach
     return lo, max(hi, lo + 1e-8)
 
 
-def _search(hist: StreamingHistogram, power: float, grid: IntGrid, lo: float, hi: float, symmetric: bool):
+def _search(hist: StreamingHistogram, power: float, grid: IntGrid, lo: float, hi: float, symmetric: bool,
+            cover: Optional[tuple[float, float]] = None):
     centers, counts = hist.nonzero()
+    best = _refined(_candidates(lo, hi, symmetric), centers, counts, power, grid, symmetric, lo, hi)
+    if cover is None or (best[0] <= cover[0] and best[1] >= cover[1]):
+        return best  # a bound the unconstrained best already meets changes nothing
+    return _refined(_candidates(lo, hi, symmetric), centers, counts, power, grid, symmetric, lo, hi, _widen_to(cover))
+
+
+def _refined(candidates, centers, counts, power, grid, symmetric, lo, hi, widen=lambda pairs: pairs):
+    best = _best(widen(candidates), centers, counts, power, grid, symmetric)
+    if not symmetric and lo < 0.0 < hi:
+        # Two sided: the coarse lo x hi grid, then a fine one around its best pair.
+        best_lo, best_hi = best
+        fine = [(best_lo * a, best_hi * b) for a in np.linspace(0.85, 1.15, 13) for b in np.linspace(0.85, 1.15, 13)]
+        fine = [(max(l, lo), min(h, hi)) for l, h in fine]
+        best = _best(widen(fine + [best]), centers, counts, power, grid, symmetric)
+    return best
+
+
+def _widen_to(cover: tuple[float, float]):
+    """Candidates moved out to reach ``cover``, duplicates dropped (every deep clip becomes the cover itself)."""
+    def widen(candidates):
+        return list(dict.fromkeys((min(lo, cover[0]), max(hi, cover[1])) for lo, hi in candidates))
+    return widen
+
+
+def _candidates(lo: float, hi: float, symmetric: bool) -> list[tuple[float, float]]:
     if symmetric:
         reach = max(-lo, hi)
         candidates = [(-f * reach, f * reach) for f in _FRACTIONS]
@@ -50,13 +86,7 @@ def _search(hist: StreamingHistogram, power: float, grid: IntGrid, lo: float, hi
         # Two sided: search the lower and upper fractions on a grid (coarse), then refine upper.
         coarse = _FRACTIONS[::4]
         candidates = [(lo * a, hi * b) for a in coarse for b in coarse]
-    best = _best(candidates, centers, counts, power, grid, symmetric)
-    if not symmetric and lo < 0.0 < hi:
-        best_lo, best_hi = best
-        fine = [(best_lo * a, best_hi * b) for a in np.linspace(0.85, 1.15, 13) for b in np.linspace(0.85, 1.15, 13)]
-        fine = [(max(l, lo), min(h, hi)) for l, h in fine]
-        best = _best(fine + [best], centers, counts, power, grid, symmetric)
-    return best
+    return candidates
 
 
 def _best(candidates, centers, counts, power, grid, symmetric):

@@ -2,7 +2,7 @@
 import numpy as np
 from onnx import helper
 
-from onnxrepq.calibrate.channel_stats import ChannelStats, collect_channel_stats, find_outliers
+from onnxrepq.calibrate.channel_stats import ChannelStats, collect_channel_stats, find_outliers, outlier_cover
 from tests.models_for_tests import make_model, weights
 
 
@@ -50,3 +50,44 @@ def test_collect_reads_intermediate_tensors_with_onnxruntime():
                        for f in feeds], axis=0)
     assert np.allclose(stats.channel_absmax, expected, rtol=1e-5)
     assert len(stats.sample_absmax) == 5
+
+
+def test_typical_channel_range_is_the_median_sample_extreme_and_memory_stays_fixed():
+    """Exact while the samples fit the reservoir; past it the rows stay at reservoir_size (streaming)
+    and the median of the kept rows is still a middle sample, not the largest."""
+    rng = np.random.default_rng(4)
+    data = rng.standard_normal((200, 3, 6, 6)).astype(np.float32) * np.array([1.0, 2.0, 4.0])[None, :, None, None]
+    exact = ChannelStats()
+    for start in range(0, 20, 5):
+        exact.update(data[start:start + 5])
+    low, high = exact.typical_channel_range()
+    np.testing.assert_allclose(high, np.median(data[:20].max(axis=(2, 3)), axis=0), rtol=1e-6)
+    np.testing.assert_allclose(low, np.median(data[:20].min(axis=(2, 3)), axis=0), rtol=1e-6)
+    streamed = ChannelStats()
+    for start in range(0, 200, 8):
+        streamed.update(data[start:start + 8])
+    assert streamed.reservoir_max.shape == (32, 3) and streamed.samples_seen == 200
+    per_sample_max = data.max(axis=(2, 3))
+    rank = (per_sample_max < streamed.typical_channel_range()[1]).mean(axis=0)
+    assert np.all((rank > 0.25) & (rank < 0.75))
+
+
+def test_outlier_cover_keeps_consistent_outlier_channels_not_rare_spikes():
+    """A channel 20x the rest in every sample sets the cover (its median-sample extremes); a spike
+    in one sample of another channel makes that channel an outlier too, but does not widen the
+    cover; without outlier channels there is no cover at all."""
+    rng = np.random.default_rng(5)
+    data = rng.uniform(-1, 1, (30, 16, 4, 4)).astype(np.float32)
+    stats = ChannelStats()
+    stats.update(data)
+    assert outlier_cover(stats) is None
+    data[:, 7] *= 20.0
+    data[3, 2, 1, 1] = 500.0
+    stats = ChannelStats()
+    for sample in data:
+        stats.update(sample[None])
+    assert set(find_outliers(stats).channels) == {2, 7}
+    lo, hi = outlier_cover(stats)
+    assert hi == np.float32(np.median(data[:, 7].max(axis=(1, 2))))
+    assert lo == np.float32(np.median(data[:, 7].min(axis=(1, 2))))
+    assert 15 < hi < 20 and -20 < lo < -15   # far from the 500 spike

@@ -19,7 +19,7 @@ rng = np.random.default_rng(7)
 # Non-negative inputs (like anything after a Relu): weight rounding errors then add up per channel.
 CALIBRATION = rng.uniform(0.0, 1.0, (32, 3, 12, 12)).astype(np.float32)
 HELD_OUT = rng.uniform(0.0, 1.0, (32, 3, 12, 12)).astype(np.float32)
-W4 = QuantConfig(weight_bits=4)
+W4 = QuantConfig(weight_bits=4, fast=True)
 
 
 def _chain_model() -> onnx.ModelProto:
@@ -89,6 +89,7 @@ def test_every_conv_gets_an_int32_bias_and_the_model_is_valid(chain):
         assert conv.inputs[2].inputs[0].inputs[0].values.dtype == np.int32
     record = next(r for r in corrected.passes if r.name == "correct_bias")
     assert record.modified and record.notes[0].startswith("3 biases corrected in 3 bands")
+    assert record.notes[1].startswith("standard error of the measured shifts: median")
 
 
 def _simulation_graph(model: onnx.ModelProto, monkeypatch) -> tuple[gs.Graph, onnx.ModelProto]:
@@ -148,6 +149,23 @@ def test_activation_measure_matches_the_mean_after_the_relu(chain, monkeypatch):
     assert _channel_mean_error(reference, np.maximum(tapped, 0)) < 2e-3 * np.abs(reference).mean()
 
 
+def test_merged_levels_leave_the_last_layer_matched_to_the_float_mean(chain, monkeypatch):
+    """Two bands for three levels: conv3 must be measured with conv1 and conv2 both corrected.
+
+    conv2 shares a band with conv1, so its stored output misses conv1's correction; the merged
+    piece has to run again before conv3's band, or conv3's mean stays off by what conv1 moved.
+    """
+    model = chain[0]
+    graph, float_model = _simulation_graph(model, monkeypatch)
+    feeds = [{"x": CALIBRATION[i:i + 1]} for i in range(len(CALIBRATION))]
+    before = _tap(graph.copy(), [], CALIBRATION)["y"]
+    result = CorrectBias(float_model, feeds, BiasCorrectionConfig(measure="layer", max_bands=2))(graph)
+    assert result.notes[0].startswith("3 biases corrected in 2 bands")
+    reference = run_ort(float_model, {"x": CALIBRATION})[0]
+    after = _tap(result.graph, [], CALIBRATION)["y"]
+    assert _channel_mean_error(reference, after) < 0.01 * _channel_mean_error(reference, before)
+
+
 def test_parallel_branches_share_a_level():
     x = gs.Variable("x", np.float32, ["n", 3, 8, 8])
     graph = gs.Graph(inputs=[x])
@@ -203,3 +221,20 @@ def test_config_checks_its_fields():
         BiasCorrectionConfig(measure="output")
     with pytest.raises(UserError):
         BiasCorrectionConfig(max_samples=0)
+
+
+def test_clip_activations_are_matched_after_their_bounds():
+    """A Relu6-style Clip with constant bounds after a layer: the shift is solved after the Clip (this
+    path once failed with a NameError on the bound constants)."""
+    model = _chain_model()
+    clip_bounds = [onnx.numpy_helper.from_array(np.float32(0.0), "low"), onnx.numpy_helper.from_array(np.float32(6.0), "high")]
+    model.graph.initializer.extend(clip_bounds)
+    relu = next(node for node in model.graph.node if node.name == "relu1")
+    relu.op_type = "Clip"
+    relu.input.extend(["low", "high"])
+    plain = quantize_with_result(model, CALIBRATION, W4)
+    corrected = quantize_with_result(model, CALIBRATION, W4.with_(bias_correction=True))
+    assert any(record.name == "correct_bias" and record.modified for record in corrected.passes)
+    reference = run_ort(model, {"x": HELD_OUT})[0]
+    assert sqnr_db(reference, run_ort(corrected.model, {"x": HELD_OUT})[0]) > \
+        sqnr_db(reference, run_ort(plain.model, {"x": HELD_OUT})[0])

@@ -51,7 +51,7 @@ def _run(model, feeds, optimize: bool):
 def test_integer_kernels_compute_what_the_qdq_graph_says(weight_range):
     calibration = structured_images(16, seed=7)
     model = export_torch(MobileBlocksNet(), calibration[:1])
-    quantized = onnxrepq.quantize(model, calibration, QuantConfig(weight_range=weight_range))
+    quantized = onnxrepq.quantize(model, calibration, QuantConfig(weight_range=weight_range, fast=True))
     feeds = {model.graph.input[0].name: structured_images(4, seed=99)}
     simulated, fused = _run(quantized, feeds, optimize=False), _run(quantized, feeds, optimize=True)
     # int8 kernels requantize differently from float QDQ by a step here and there; a saturating
@@ -62,7 +62,7 @@ def test_integer_kernels_compute_what_the_qdq_graph_says(weight_range):
 def test_reduced_weights_are_reported():
     calibration = structured_images(8, seed=3)
     model = export_torch(MobileBlocksNet(), calibration[:1])
-    result = quantize_with_result(model, calibration, QuantConfig(weight_range="reduced"))
+    result = quantize_with_result(model, calibration, QuantConfig(weight_range="reduced", fast=True))
     assert any(r.name == "weight_range" for r in result.passes)
     bits = {row["weight_bits"] for row in result.layers if "weight_bits" in row}
     assert bits == {7}

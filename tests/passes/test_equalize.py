@@ -154,6 +154,83 @@ def test_unbalanced_torch_nets_gain_6_db_and_keep_float_outputs():
         gain = _held_out_sqnr(model, result.model, held_out) - _held_out_sqnr(model, plain, held_out)
         assert gain >= 6.0, (kind, gain)
         # Against the fused float model: fusing x100 RepVGG branches alone moves the output by ~4e-5
-        # in float32; the equalization itself must not move it.
+        # in float32; the equalization itself (no high-bias absorption by default) must not move it
+        # on any input.
         for x in held_out[:4]:
             assert_same_outputs(fuse(model), result.float_model, {"x": x[None]}, rtol=1e-5)
+
+
+def _high_bias_model(pads: int):
+    """Conv (a quarter of its channels biased far above their reach) -> Relu -> Conv 1x1 or padded 3x3.
+
+    Inputs in [0, 1] and weights in [-0.1, 0.1] keep every pre-activation within 3.6 of its bias, so
+    the channels biased by +6..+9 never reach the Relu's cut; the others mostly sit at it.
+    """
+    generator = np.random.default_rng(11)
+    w1 = generator.uniform(-0.1, 0.1, (8, 4, 3, 3)).astype(np.float32)
+    b1 = np.where(np.arange(8) % 4 == 0, generator.uniform(6, 9, 8), generator.normal(0, 0.2, 8)).astype(np.float32)
+    kernel = 1 if pads == 0 else 3
+    w2 = generator.normal(0, 0.3, (6, 8, kernel, kernel)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["a1"]),
+             helper.make_node("Conv", ["a1", "w2"], ["y"], pads=[pads] * 4)]
+    return make_model(nodes, {"x": ["n", 4, 9, 9]}, ["y"], {"w1": w1, "b1": b1, "w2": w2})
+
+
+def _uniform_feeds(seed: int, count: int = 4):
+    generator = np.random.default_rng(seed)
+    return [{"x": generator.uniform(0, 1, (2, 4, 9, 9)).astype(np.float32)} for _ in range(count)]
+
+
+def test_high_bias_absorption_is_exact_where_the_minima_hold_and_shrinks_the_range():
+    from onnxrepq.passes.equalize import channel_extremes
+
+    model = _high_bias_model(pads=0)
+    calibration = _uniform_feeds(20)
+    ranges, minima = channel_extremes(model, ["a1"], calibration)
+    assert np.count_nonzero(minima["a1"] > 5) == 2 and np.count_nonzero(minima["a1"] > 0) < 8
+    results = {}
+    for absorb in (False, True):
+        config = EqualizeConfig(tolerance=1.0, absorb_high_bias=absorb)
+        after, records = apply_passes(model, [EqualizeCrossLayer(config, ranges, minima)])
+        for feed in calibration:   # exact where the minima hold; new data may dip below them
+            assert_same_outputs(model, after, feed, rtol=1e-5)
+        results[absorb] = (channel_extremes(after, ["a1"], calibration), records[0].notes)
+    (plain_max, plain_min), _ = results[False]
+    (absorbed_max, absorbed_min), notes = results[True]
+    high = plain_min["a1"] > 0
+    assert any(note.startswith("high bias absorbed in 1 pairs: a1 (") for note in notes), notes
+    assert f"({np.count_nonzero(high)}/8" in " ".join(notes)
+    # each absorbed channel now starts at 0 and spans only what lay above its old minimum
+    assert np.all(absorbed_min["a1"][high] < 1e-4 * plain_max["a1"][high])
+    np.testing.assert_allclose(absorbed_max["a1"][high], (plain_max["a1"] - plain_min["a1"])[high], rtol=1e-4)
+    assert absorbed_max["a1"].max() < 0.5 * plain_max["a1"].max()
+
+
+def test_padded_second_conv_keeps_its_high_bias():
+    """At the border a padded conv reads zeros that stand for -c after absorption: no bias can fix that."""
+    from onnxrepq.passes.equalize import channel_extremes
+
+    model = _high_bias_model(pads=1)
+    calibration = _uniform_feeds(22)
+    ranges, minima = channel_extremes(model, ["a1"], calibration)
+    after, records = apply_passes(model, [EqualizeCrossLayer(EqualizeConfig(rounds=0, absorb_high_bias=True),
+                                                             ranges, minima)])
+    assert records[0].notes[-1] == "high bias left in 1 pairs whose second conv pads its input: a1"
+    assert not any(init.name.endswith("__equalized_bias") for init in after.graph.initializer)
+    for feed in calibration:
+        assert_same_outputs(model, after, feed, rtol=1e-5)
+
+
+def test_quantize_absorbs_high_biases_and_keeps_the_float_model():
+    import onnxrepq
+    from onnxrepq.api import quantize_with_result
+
+    model = _high_bias_model(pads=0)
+    calibration = np.concatenate([feed["x"] for feed in _uniform_feeds(23, count=8)])
+    result = quantize_with_result(model, calibration, onnxrepq.QuantConfig(fast=True, equalize=True,
+                                                                           absorb_high_bias=True))
+    notes = next(r.notes for r in result.passes if r.name == "equalize")
+    assert any(note.startswith("high bias absorbed in 1 pairs") for note in notes), notes
+    for feed in _uniform_feeds(24):
+        assert_same_outputs(model, result.float_model, feed, rtol=1e-5)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 import pytest
 import torch
@@ -180,3 +181,32 @@ def test_rec_model_runs_block_by_block_to_the_same_output():
             values.update(module({k: values[k] for k in block.inputs}))
     for output, value in expected.items():
         assert relative_error(values[output].numpy(), value.numpy()) <= 1e-4
+
+
+def _conv_chain(weights_behind_dequantize: bool) -> gs.Graph:
+    """Four 3x3 convs with Relu, the third strided; weights plain or int8 behind DequantizeLinear."""
+    nodes, initializers, x = [], [], "x"
+    for i in range(4):
+        w = np.random.default_rng(i).standard_normal((4, 4, 3, 3)).astype(np.float32)
+        if weights_behind_dequantize:
+            initializers += [onnx.numpy_helper.from_array(w.astype(np.int8), f"w{i}_q"),
+                             onnx.numpy_helper.from_array(np.float32(0.1), f"s{i}")]
+            nodes.append(onnx.helper.make_node("DequantizeLinear", [f"w{i}_q", f"s{i}"], [f"w{i}"]))
+        else:
+            initializers.append(onnx.numpy_helper.from_array(w, f"w{i}"))
+        stride = 2 if i == 2 else 1
+        nodes += [onnx.helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1], strides=[stride] * 2),
+                  onnx.helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        x = f"r{i}"
+    graph = onnx.helper.make_graph(nodes, "chain", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                       [1, 4, 8, 8])],
+                                   [onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None)], initializers)
+    return gs.import_onnx(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+
+
+def test_weights_behind_dequantize_do_not_hide_the_cuts():
+    """Reconstruction partitions the QDQ graph: a weight's DequantizeLinear is no entry into a region,
+    so the blocks and stages match those of the float graph (cut at the stride)."""
+    shape = lambda graph: [[len(block.weight_layers) for block in stage.blocks]  # noqa: E731
+                           for stage in partition(graph, max_layers_per_block=3)]
+    assert shape(_conv_chain(True)) == shape(_conv_chain(False)) == [[2], [2]]

@@ -142,3 +142,50 @@ def test_weight_scales_along_axis_one():
     weight = rng.standard_normal((5, 7))
     scales = weight_scales(weight, 1, "minmax", INT8)
     np.testing.assert_allclose(scales, np.abs(weight).max(axis=0) / 127, rtol=1e-6)
+
+
+def one_heavy_channel(channels: int = 128, scale: float = 6.0) -> np.ndarray:
+    """|N(0, 1)| in every channel but channel 5, which is |Laplace(0, scale)|: (32, channels, 8, 8)."""
+    generator = np.random.default_rng(7)
+    values = np.abs(generator.standard_normal((32, channels, 8, 8)))
+    values[:, 5] = np.abs(generator.laplace(0, scale, (32, 8, 8)))
+    return values.astype(np.float32)
+
+
+@pytest.mark.parametrize("method, bits", [("mae", 8), ("mse", 4)])
+def test_cover_moves_a_clipping_search_out_to_the_cover(method, bits):
+    """MAE at 8 bits and MSE at 4 bits clip the heavy channel (measured: hi 13.3 for both against a
+    median-sample max of 29.1); with the cover the range reaches it and no further than the search wants."""
+    values = one_heavy_channel()
+    grid, hist = activation_grid(bits, signed=False), histogram_of(values)
+    cover_hi = float(np.median(values[:, 5].max(axis=(1, 2))))
+    plain = activation_range(hist, method, grid)
+    lo, hi = activation_range(hist, method, grid, cover=(0.0, cover_hi))
+    assert plain[1] < 0.6 * cover_hi
+    assert lo == 0.0 and cover_hi <= hi < 1.05 * cover_hi
+
+
+def test_cover_inside_the_searched_range_changes_nothing():
+    """MSE at 8 bits keeps this tail (hi 31.9); a cover below that must leave the range as it was."""
+    values = one_heavy_channel()
+    hist = histogram_of(values)
+    plain = activation_range(hist, "mse", UINT8)
+    assert activation_range(hist, "mse", UINT8, cover=(0.0, 0.5 * plain[1])) == plain
+
+
+def test_two_sided_cover_leaves_the_other_end_to_the_search():
+    """A cover on the high side only: the low end is still clipped as the error search chooses."""
+    values = heavy_tailed()
+    hist = histogram_of(values)
+    plain = activation_range(hist, "mae", UINT8)
+    lo, hi = activation_range(hist, "mae", UINT8, cover=(0.0, 0.9 * float(values.max())))
+    assert hi >= 0.9 * values.max() and 0.75 * values.min() < lo < 0
+    assert range_error(values, lo, hi, 1.0) >= range_error(values, *plain, 1.0)  # the plain one was the optimum
+
+
+def test_cover_reaches_percentile_and_symmetric_ranges():
+    values = heavy_tailed()
+    hist = histogram_of(values)
+    assert activation_range(hist, "percentile", UINT8, percentile=99.9, cover=(-20.0, 20.0)) == (-20.0, 20.0)
+    lo, hi = activation_range(hist, "mse", activation_grid(8, signed=True), symmetric=True, cover=(-1.0, 22.0))
+    assert lo == -hi and hi >= 22.0

@@ -45,10 +45,10 @@ def _weights_mb(result) -> float:
 
 def test_mixed_precision_beats_uniform_at_the_same_size(net):
     model, calibration = net
-    uniform = quantize_with_result(model, calibration, QuantConfig(weight_bits=4))
+    uniform = quantize_with_result(model, calibration, QuantConfig(weight_bits=4, fast=True))
     budget = _weights_mb(uniform)
     mixed = quantize_with_result(model, calibration, QuantConfig(
-        mixed_precision=MixedPrecisionConfig(budget_mean_bits=4.0, samples=8)))
+        fast=True, mixed_precision=MixedPrecisionConfig(budget_mean_bits=4.0, samples=8)))
     assert _weights_mb(mixed) <= budget + 1e-9
     assert len({row["weight_bits"] for row in mixed.layers if "weight_bits" in row}) > 1
     held_out = structured_images(8, seed=12)
@@ -64,7 +64,7 @@ def test_bad_budgets_are_refused():
     with pytest.raises(UserError):
         QuantConfig(mixed_precision=MixedPrecisionConfig(budget_size_mb=-1))
     with pytest.raises(UserError):
-        QuantConfig(fast=False, mixed_precision=MixedPrecisionConfig(budget_size_mb=1))
+        QuantConfig(mixed_precision=MixedPrecisionConfig(budget_mean_bits=4, candidates=(8, 1)))
 
 
 def test_cli_budget_flags(net, tmp_path):
@@ -73,7 +73,7 @@ def test_cli_budget_flags(net, tmp_path):
     onnx.save(model, str(tmp_path / "m.onnx"))
     np.save(tmp_path / "c.npy", calibration)
     assert main(["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"), "--calib",
-                 str(tmp_path / "c.npy"), "--budget-bitops", "0.05", "--quiet"]) == 0
+                 str(tmp_path / "c.npy"), "--budget-bitops", "0.05", "--fast", "--quiet"]) == 0
     assert main(["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "r.onnx"), "--calib",
                  str(tmp_path / "c.npy"), "--budget-size", "-2", "--quiet"]) == 2
 

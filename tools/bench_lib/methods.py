@@ -13,8 +13,14 @@ RECIPE_FLAGS = {"fast": ["--fast"], "default": [], "reconstruct": ["--reconstruc
                 "w4a8-reconstruct": ["--reconstruct", "--wbits", "4", "--abits", "8"],
                 # mixed precision at the weight size of uniform W4A8
                 "mixed-w4": ["--fast", "--budget-mean-bits", "4"],
+                "mixed-w4-reconstruct": ["--reconstruct", "--budget-mean-bits", "4"],
+                "clustered-w4": ["--fast", "--wbits", "4", "--abits", "8", "--clustered-weights"],
                 # issue 10 ablations on the fast recipe
-                "bias-correction": ["--fast", "--bias-correction"], "equalize": ["--fast", "--equalize"]}
+                "bias-correction": ["--fast", "--bias-correction"], "equalize": ["--fast", "--equalize"],
+                "reconstruct-bias-correction": ["--reconstruct", "--bias-correction"],
+                "reconstruct-equalize": ["--reconstruct", "--equalize"],
+                "outlier-ranges": ["--fast", "--outlier-ranges"],
+                "reconstruct-outlier-ranges": ["--reconstruct", "--outlier-ranges"]}
 ORT_CALIBRATIONS = ("minmax", "percentile")
 ONNXREPQ_MAIN = "import sys; from onnxrepq.cli import main; sys.exit(main())"  # what the console script runs
 
