@@ -20,13 +20,11 @@ from .calibrate.data import calibration_set, input_specs
 from .calibrate.images import ImageFolder, is_image_folder
 from .config import BiasCorrectionConfig, QuantConfig
 from .emit.bias_correction import CorrectBias
-from .emit.codebook import ClusterWeights, EmitCodebookWeights
+from .emit.codebook import ClusterWeights, EmitCodebookWeights, build_codebooks
 from .emit.finalize import FoldWeightQuantizers, QuantizeBias
-from .emit.int4_matmul import INT4_OPSET, Int4Weight, StoreInt4Weights, block_weight_scales, matmul_weight, \
-    pack_int4_initializers, plan_weight_only, storage_label
-from .emit.placement import plan_quantization
+from .emit.int4_matmul import Int4Weight, StoreInt4Weights, pack_int4_initializers, storage_label, weight_only_int4
+from .emit.placement import plan_quantization, relead
 from .emit.targets import TARGETS
-from .errors import ModelError
 from .graph.io import ModelLike, check_model, load_model
 from .passes.base import PassRecord, run_passes
 from .passes.cleanup import Cleanup
@@ -41,7 +39,6 @@ from .passes.names import NameNodes
 from .passes.opset import UpgradeOpset
 from .progress import Progress
 from .reconstruct.learn import ReconstructBlocks
-from .search.clustering import Codebook, cluster_weight
 from .search.criteria import activation_range, weight_scales
 from .search.mixed_precision import MixedPrecisionResult, choose_bit_widths, sensitivity_runs
 from .emit.saturation import pairs_overflow, reduced_weight_grid, resolve_weight_range
@@ -248,12 +245,12 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
     int4: dict[str, Int4Weight] = {}
     if config.fast and not config.clustered_weights:
         before = plan
-        graph, plan, int4 = _weight_only_int4(graph, plan, widths, rules, floats, config, records)
+        graph, plan, int4 = weight_only_int4(graph, plan, widths, rules, floats, config, records)
         nodes = {node.name: node for node in graph.nodes}
         activation_params, histograms, methods, channel_stats, moved_ranges = (
-            _relead(found, before, plan) for found in (activation_params, histograms, methods, channel_stats,
+            relead(found, before, plan) for found in (activation_params, histograms, methods, channel_stats,
                                                        moved_ranges))
-    codebooks = _codebooks(graph, plan, weight_params, widths, grid_for(8)) if config.clustered_weights else {}
+    codebooks = build_codebooks(graph, plan, weight_params, widths, grid_for(8)) if config.clustered_weights else {}
     timings["search"] = time.perf_counter() - started
 
     layers = _layer_rows(graph, plan, weight_params, activation_params, config, histograms, methods)
@@ -279,7 +276,7 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
     insert = InsertQDQ(replace(plan, weights=[s for s in plan.weights if s.node not in int4]), activation_params,
                        weight_params, rules.narrow_activation_clip)
     correct = [CorrectBias(normalized, calibration_data, BiasCorrectionConfig(), config.seed, progress)
-               ] if config.bias_correction else []
+               ] if config.corrects_bias else []
     store_int4 = [StoreInt4Weights(int4)] if int4 else []
     graph, emitted = run_passes(graph, [*clustering, *store_int4, insert, *reconstruct, *correct,
                                         FoldWeightQuantizers(),
@@ -294,54 +291,6 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
                             _hash_calibration(calibration_data), normalized, calibration_data)
     _write_metadata(result, config)
     return result
-
-
-def _codebooks(graph, plan, weight_params, widths, container: IntGrid) -> dict[str, Codebook]:
-    """Per-channel k-means codebooks at each layer's width, started from its uniform quantization and
-    held on ``container``, the grid 8-bit weights get here (so they cannot saturate u8 x s8 pairs).
-    A width with as many entries as the container has levels stays plain int8: nothing to choose."""
-    nodes = {node.name: node for node in graph.nodes}
-    return {slot.node: cluster_weight(nodes[slot.node].inputs[slot.input_index].values, slot.axis,
-                                      weight_params[slot.node].scale, weight_params[slot.node].grid,
-                                      widths[slot.node], container)
-            for slot in plan.weights if 2 ** widths[slot.node] < container.levels + 1}
-
-
-def _relead(by_leader: dict[str, Any], before, after) -> dict[str, Any]:
-    """``by_leader`` (keyed by the leaders of plan ``before``) keyed by the leaders of ``after``, which
-    quantizes a subset of the tensors. Where a passthrough chain lost its head, the tensor now leading it
-    takes what its old leader had: a passthrough op moves the values unchanged."""
-    return {after.leader(name): by_leader[before.leader(name)] for name in after.activations
-            if before.leader(name) in by_leader}
-
-
-def _weight_only_int4(graph: gs.Graph, plan, widths: dict[str, int], rules, floats: set[str], config: QuantConfig,
-                      records: list[PassRecord]) -> tuple[gs.Graph, Any, dict[str, Int4Weight]]:
-    """The <= 4-bit MatMul/Gemm layers stored as int4 with float inputs (emit/int4_matmul.py), with the
-    placement that leaves their inputs float and the graph at opset 21; none where the upgrade fails.
-
-    Fast recipe only: reconstruction learns per-channel weights behind a quantized input, so with
-    ``fast=False`` these layers keep the int8 container (values in [-7, 7] at 4 bits).
-    """
-    chosen = plan_weight_only(graph, rules, floats, config.float_patterns, widths)
-    notes = [f"{name} keeps the int8 container: {reason}" for name, reason in chosen.refused.items()]
-    if chosen.blocks:
-        try:
-            upgraded = UpgradeOpset(INT4_OPSET)(graph)
-        except ModelError as exc:
-            records.append(PassRecord("int4_weight_only", False, [f"int8 containers kept: {exc}", *notes]))
-            return graph, plan, {}
-        graph, plan, notes = upgraded.graph, chosen.plan, upgraded.notes + notes
-    nodes = {node.name: node for node in graph.nodes}
-    int4 = {}
-    for name, block in chosen.blocks.items():
-        node, grid = nodes[name], weight_grid(widths[name])
-        method = config.for_node(name, node.op).weight_scale_search
-        int4[name] = Int4Weight(block_weight_scales(matmul_weight(node), block, method, grid), block, grid)
-    if int4 or notes:
-        records.append(PassRecord("int4_weight_only", bool(int4), [
-            f"{len(int4)} MatMul/Gemm layers as int4 weight-only (MatMulNBits)", *notes]))
-    return graph, plan, int4
 
 
 def _mixed_precision(normalized, graph, plan, calibration_data, config: QuantConfig, grid_for, progress: bool

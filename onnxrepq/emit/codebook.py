@@ -26,7 +26,8 @@ import onnx_graphsurgeon as gs
 
 from ..graph.patterns import constant_value, producer
 from ..passes.base import PassResult
-from ..search.clustering import Codebook
+from ..search.clustering import Codebook, cluster_weight
+from ..search.quant_grid import IntGrid
 
 
 class ClusterWeights:
@@ -103,3 +104,14 @@ def _decode_chain(graph: gs.Graph, base: str, book: Codebook) -> gs.Variable:
     graph.layer(op="Transpose", name=f"{base}_CodebookTranspose", attrs={"perm": perm},
                 inputs=[shaped], outputs=[restored])
     return restored
+
+
+def build_codebooks(graph, plan, weight_params, widths, container: IntGrid) -> dict[str, Codebook]:
+    """Per-channel k-means codebooks at each layer's width, started from its uniform quantization and
+    held on ``container``, the grid 8-bit weights get here (so they cannot saturate u8 x s8 pairs).
+    A width with as many entries as the container has levels stays plain int8: nothing to choose."""
+    nodes = {node.name: node for node in graph.nodes}
+    return {slot.node: cluster_weight(nodes[slot.node].inputs[slot.input_index].values, slot.axis,
+                                      weight_params[slot.node].scale, weight_params[slot.node].grid,
+                                      widths[slot.node], container)
+            for slot in plan.weights if 2 ** widths[slot.node] < container.levels + 1}

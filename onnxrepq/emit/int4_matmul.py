@@ -37,9 +37,11 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from ..graph.patterns import constant_value
-from ..passes.base import PassResult
+from ..errors import ModelError
+from ..passes.base import PassRecord, PassResult
+from ..passes.opset import UpgradeOpset
 from ..search.criteria import weight_scales
-from ..search.quant_grid import IntGrid
+from ..search.quant_grid import IntGrid, weight_grid
 from .placement import QuantPlan, plan_quantization
 from .targets import TargetRules
 
@@ -245,3 +247,32 @@ def storage_label(quant: Int4Weight) -> str:
     """The report's ``weight_storage`` for an int4 weight-only layer."""
     narrow = "" if quant.grid.qmax == 7 else f", values in [{quant.grid.qmin}, {quant.grid.qmax}]"
     return f"int4 weight-only, block {quant.block} (MatMulNBits){narrow}"
+
+
+def weight_only_int4(graph: gs.Graph, plan: QuantPlan, widths: dict[str, int], rules: TargetRules, floats: set[str],
+                     config, records: list[PassRecord]) -> tuple[gs.Graph, QuantPlan, dict[str, Int4Weight]]:
+    """The <= 4-bit MatMul/Gemm layers stored as int4 with float inputs (the module above), with the
+    placement that leaves their inputs float and the graph at opset 21; none where the upgrade fails.
+
+    Fast recipe only: reconstruction learns per-channel weights behind a quantized input, so with
+    ``fast=False`` these layers keep the int8 container (values in [-7, 7] at 4 bits).
+    """
+    chosen = plan_weight_only(graph, rules, floats, config.float_patterns, widths)
+    notes = [f"{name} keeps the int8 container: {reason}" for name, reason in chosen.refused.items()]
+    if chosen.blocks:
+        try:
+            upgraded = UpgradeOpset(INT4_OPSET)(graph)
+        except ModelError as exc:
+            records.append(PassRecord("int4_weight_only", False, [f"int8 containers kept: {exc}", *notes]))
+            return graph, plan, {}
+        graph, plan, notes = upgraded.graph, chosen.plan, upgraded.notes + notes
+    nodes = {node.name: node for node in graph.nodes}
+    int4 = {}
+    for name, block in chosen.blocks.items():
+        node, grid = nodes[name], weight_grid(widths[name])
+        method = config.for_node(name, node.op).weight_scale_search
+        int4[name] = Int4Weight(block_weight_scales(matmul_weight(node), block, method, grid), block, grid)
+    if int4 or notes:
+        records.append(PassRecord("int4_weight_only", bool(int4), [
+            f"{len(int4)} MatMul/Gemm layers as int4 weight-only (MatMulNBits)", *notes]))
+    return graph, plan, int4

@@ -191,3 +191,11 @@ def _weight_slot(node: gs.Node) -> Optional[WeightSlot]:
     if node.op == "MatMul" and weight.ndim == 2:
         return WeightSlot(node.name, 1, 1)
     return None
+
+
+def relead(by_leader: dict, before: QuantPlan, after: QuantPlan) -> dict:
+    """``by_leader`` (keyed by the leaders of plan ``before``) keyed by the leaders of ``after``, which
+    quantizes a subset of the tensors. Where a passthrough chain lost its head, the tensor now leading it
+    takes what its old leader had: a passthrough op moves the values unchanged."""
+    return {after.leader(name): by_leader[before.leader(name)] for name in after.activations
+            if before.leader(name) in by_leader}

@@ -19,7 +19,7 @@ rng = np.random.default_rng(7)
 # Non-negative inputs (like anything after a Relu): weight rounding errors then add up per channel.
 CALIBRATION = rng.uniform(0.0, 1.0, (32, 3, 12, 12)).astype(np.float32)
 HELD_OUT = rng.uniform(0.0, 1.0, (32, 3, 12, 12)).astype(np.float32)
-W4 = QuantConfig(weight_bits=4, fast=True)
+W4 = QuantConfig(weight_bits=4, fast=True, bias_correction=False)
 
 
 def _chain_model() -> onnx.ModelProto:
@@ -214,6 +214,12 @@ def test_command_line_switches():
     assert cli._config(parser.parse_args(base + ["--bias-correction"])).bias_correction is True
     assert cli._config(parser.parse_args(base + ["--no-bias-correction"])).bias_correction is False
     assert cli._config(parser.parse_args(base)).bias_correction is QuantConfig().bias_correction
+
+
+def test_bias_correction_defaults_on_for_the_fast_recipe_only():
+    assert QuantConfig(fast=True).corrects_bias and not QuantConfig(fast=False).corrects_bias
+    assert not QuantConfig(fast=True, bias_correction=False).corrects_bias
+    assert QuantConfig(fast=False, bias_correction=True).corrects_bias
 
 
 def test_config_checks_its_fields():

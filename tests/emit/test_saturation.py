@@ -5,7 +5,6 @@ kernels computes what the unoptimized QDQ graph computes, whatever this CPU's in
 """
 from __future__ import annotations
 
-import numpy as np
 import onnxruntime as ort
 import pytest
 
