@@ -21,6 +21,7 @@ from .calibrate.images import ImageFolder, is_image_folder
 from .config import BiasCorrectionConfig, QuantConfig
 from .emit.bias_correction import CorrectBias
 from .emit.codebook import ClusterWeights, EmitCodebookWeights, build_codebooks
+from .emit.constant_operands import QuantizeConstantOperands
 from .emit.finalize import FoldWeightQuantizers, QuantizeBias
 from .emit.int4_matmul import Int4Weight, StoreInt4Weights, pack_int4_initializers, storage_label, weight_only_int4
 from .emit.placement import plan_quantization, relead
@@ -278,7 +279,8 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
     correct = [CorrectBias(normalized, calibration_data, BiasCorrectionConfig(), config.seed, progress)
                ] if config.corrects_bias else []
     store_int4 = [StoreInt4Weights(int4)] if int4 else []
-    graph, emitted = run_passes(graph, [*clustering, *store_int4, insert, *reconstruct, *correct,
+    constant_operands = [QuantizeConstantOperands(rules.int8_ops)] if rules.quantize_constant_operands else []
+    graph, emitted = run_passes(graph, [*clustering, *store_int4, insert, *constant_operands, *reconstruct, *correct,
                                         FoldWeightQuantizers(),
                                         *([QuantizeBias()] if rules.int32_bias else []),
                                         *([EmitCodebookWeights(codebooks)] if codebooks else [])])

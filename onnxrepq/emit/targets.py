@@ -59,6 +59,9 @@ class TargetRules:
     # input left float, for the runtime's weight-only kernel (emit/int4_matmul.py). Empty: every
     # width stays in an int8 container.
     weight_only_int4: frozenset[str] = frozenset()
+    # Give an all-equal float operand of a quantized Add/Mul an exact uint8 DequantizeLinear
+    # (emit/constant_operands.py): onnxruntime fuses QLinearAdd/QLinearMul only with DQ on every input.
+    quantize_constant_operands: bool = False
 
 
 ORT_CPU = TargetRules(
@@ -70,6 +73,7 @@ ORT_CPU = TargetRules(
     signed_activations=False,
     symmetric_activations=False,
     weight_only_int4=frozenset({"MatMul", "Gemm"}),   # MatMulNBits; no int4 Conv kernel
+    quantize_constant_operands=True,
 )
 
 TENSORRT = TargetRules(

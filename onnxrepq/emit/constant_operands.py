@@ -1,0 +1,109 @@
+"""Give the float constant operand of a quantized Add/Mul its own DequantizeLinear.
+
+onnxruntime CPU's QDQ selector turns DQ -> {Add, Mul} -> Q into QLinearAdd/QLinearMul only when
+every input comes from a DequantizeLinear; a plain float initializer as the second operand (the
+"learnable affine" y = s * x + b of PP-LCNet, a scalar scale) keeps the op in float, with a DQ
+before and a Q after it: a float pass over the whole feature map plus two conversions.
+
+A constant whose elements are all equal is exact on the activation's uint8 grid, so this costs no
+accuracy: c > 0 is q = 1, zero point 0, scale c; c < 0 is q = 0, zero point 1, scale |c|; c == 0 is
+q = zero point = 0, scale 1. Each decodes to c bit for bit ((q - zp) * scale with q - zp = +-1).
+A constant with differing elements (a per-channel affine) would need a real, lossy quantization;
+it is left in float here (PP-OCRv4 det has only scalar ones), so the node stays as it was.
+
+Runs right after InsertQDQ, so block reconstruction and bias correction see the graph the runtime
+will run; the new DQ reads only constants, which the torch executor folds like a weight's DQ.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..graph.patterns import producer
+from ..passes.base import PassResult
+
+# Binary ops whose QDQ selector wants a DequantizeLinear on every input (QLinearAdd / QLinearMul).
+_BINARY = ("Add", "Mul")
+
+
+class QuantizeConstantOperands:
+    """Put ``DequantizeLinear(uint8 constant)`` in place of an all-equal float operand of a quantized Add/Mul."""
+
+    name = "quantize_constant_operands"
+
+    def __init__(self, int8_ops: Iterable[str]):
+        self.ops = frozenset(int8_ops) & frozenset(_BINARY)
+
+    def __call__(self, graph: gs.Graph) -> PassResult:
+        done, skipped = 0, 0
+        for node in list(graph.nodes):
+            if node.op not in self.ops or len(node.inputs) != 2 or not _quantized_output(node):
+                continue
+            constants = [i for i, t in enumerate(node.inputs) if isinstance(t, gs.Constant)]
+            if len(constants) != 1:
+                continue
+            index = constants[0]
+            activation_type = _dequantized_type(node.inputs[1 - index])
+            values = np.asarray(node.inputs[index].values)
+            if activation_type is None or values.dtype != np.float32 or values.size == 0:
+                continue
+            encoded = exact_encoding(values, activation_type)
+            if encoded is None:
+                skipped += 1
+                continue
+            quantized, scale, zero_point = encoded
+            base = f"{node.name}_constant{index}"
+            restored = gs.Variable(f"{base}_dequantized", dtype=np.float32)
+            graph.layer(op="DequantizeLinear", name=f"{base}_DequantizeLinear", outputs=[restored],
+                        inputs=[gs.Constant(f"{base}_quantized", quantized), gs.Constant(f"{base}_scale", scale),
+                                gs.Constant(f"{base}_zero_point", zero_point)])
+            node.inputs = [restored if i == index else t for i, t in enumerate(node.inputs)]
+            done += 1
+        graph.cleanup().toposort()
+        notes = [f"{done} constant operands of Add/Mul stored as exact uint8 behind a DequantizeLinear"] if done else []
+        if skipped:
+            notes.append(f"{skipped} non-uniform constant operands left float (not exact on a per-tensor grid)")
+        return PassResult(graph, done > 0, notes)
+
+
+def exact_encoding(values: np.ndarray, dtype) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(q, scale, zero point) with (q - zero point) * scale == values exactly, or None when the
+    elements differ. ``dtype`` is the activation's integer type (uint8 on onnxruntime CPU)."""
+    flat = values.reshape(-1)
+    c = flat[0]
+    if not np.all(flat == c) or not np.isfinite(c):
+        return None
+    dtype = np.dtype(dtype)
+    low = np.iinfo(dtype).min   # 0 for uint8, -128 for int8: both leave room for q - zp = +-1
+    if c > 0:
+        q, zero_point, scale = low + 1, low, c
+    elif c < 0:
+        q, zero_point, scale = low, low + 1, -c
+    else:
+        q, zero_point, scale = low, low, np.float32(1)
+    return (np.full(values.shape, q, dtype), np.array(scale, np.float32), np.array(zero_point, dtype))
+
+
+def _dequantized_type(tensor: gs.Tensor):
+    """The integer type of the DequantizeLinear that produces ``tensor`` (per-tensor only), else None."""
+    node = producer(tensor)
+    if node is None or node.op != "DequantizeLinear" or len(node.inputs) < 2:
+        return None
+    scale = node.inputs[1]
+    if isinstance(scale, gs.Constant) and np.asarray(scale.values).size != 1:
+        return None
+    zero_point = node.inputs[2] if len(node.inputs) > 2 else None
+    dtype = np.asarray(zero_point.values).dtype if isinstance(zero_point, gs.Constant) else node.inputs[0].dtype
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        return None
+    return dtype if dtype in (np.dtype(np.uint8), np.dtype(np.int8)) else None
+
+
+def _quantized_output(node: gs.Node) -> bool:
+    """The output goes only to QuantizeLinear: the pattern onnxruntime fuses (DQ -> op -> Q)."""
+    consumers = node.outputs[0].outputs if node.outputs else []
+    return len(consumers) > 0 and all(c.op == "QuantizeLinear" for c in consumers)
