@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--no-fuse", action="store_true", help="do not fuse parallel conv branches")
     quantize.add_argument("--equalize", action="store_true",
                           help="cross-layer equalization of Conv->Relu->Conv pairs on calibrated channel ranges"
-                               " (off by default: a no-op on the zoo, large gains only on unbalanced nets)")
+                               " (the default)")
     quantize.add_argument("--no-equalize", action="store_true", help="no cross-layer equalization, whatever the recipe")
     quantize.add_argument("--absorb-high-bias", action=argparse.BooleanOptionalAction, default=None,
                           help="with --equalize: move Relu channels' calibration minima into the next conv's bias"
