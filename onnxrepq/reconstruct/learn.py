@@ -218,7 +218,7 @@ class _BlockData:
     @staticmethod
     def _gather(arrays: list[np.ndarray], chunk: Sequence[int]) -> torch.Tensor:
         if len(chunk) == 1:
-            return torch.from_numpy(arrays[chunk[0]])
+            return torch.from_numpy(np.require(arrays[chunk[0]], requirements="W"))
         return torch.from_numpy(np.concatenate([arrays[i] for i in chunk]))
 
 
@@ -236,7 +236,9 @@ def _run_written_back(graph: gs.Graph, inputs: Sequence[str], outputs: Sequence[
     count = len(next(iter(cache.values())))
     with torch.no_grad():
         for index in range(count):
-            values = module({name: torch.from_numpy(cache[name][index]) for name in inputs})
+            # calibration arrays may be read-only memory maps: torch wants writable memory (copied only then)
+            values = module({name: torch.from_numpy(np.require(cache[name][index], requirements="W"))
+                             for name in inputs})
             for name in outputs:
                 results[name].append(values[name].numpy())
     return results
