@@ -28,6 +28,7 @@ class ChannelStats:
 
     channel_absmax: Optional[np.ndarray] = None     # max |x| per channel over every sample
     channel_abs_sum: Optional[np.ndarray] = None    # sum |x| per channel, for the mean below
+    channel_min: Optional[np.ndarray] = None        # signed min per channel over every sample (high-bias absorption)
     elements_per_channel: int = 0
     sample_absmax: list = field(default_factory=list)   # max |x| of each sample, in feed order
     sample_channel: list = field(default_factory=list)  # the channel holding that maximum
@@ -49,6 +50,7 @@ class ChannelStats:
         if self.channel_absmax is None:
             self.channel_absmax = np.zeros(channels, np.float64)
             self.channel_abs_sum = np.zeros(channels, np.float64)
+            self.channel_min = np.full(channels, np.inf)
         if channels != len(self.channel_absmax):
             raise CalibrationError(f"channel count changed between samples ({len(self.channel_absmax)} -> {channels})")
         self.channel_absmax = np.maximum(self.channel_absmax, sample_channel_max.max(axis=0))
@@ -57,7 +59,9 @@ class ChannelStats:
         self.sample_absmax += [float(v) for v in sample_channel_max.max(axis=1)]
         self.sample_channel += [int(c) for c in sample_channel_max.argmax(axis=1)]
         signed = value.reshape(batch, channels, -1)
-        self._keep(signed.max(axis=2), signed.min(axis=2))
+        sample_min = signed.min(axis=2)
+        self.channel_min = np.minimum(self.channel_min, sample_min.min(axis=0))
+        self._keep(signed.max(axis=2), sample_min)
 
     def _keep(self, sample_max: np.ndarray, sample_min: np.ndarray) -> None:
         if self.reservoir_max is None:
@@ -85,6 +89,7 @@ class ChannelStats:
         """The statistics of ``x / scale`` (per channel): what an exact per-channel rescale does to them."""
         self.channel_absmax = self.channel_absmax / scale
         self.channel_abs_sum = self.channel_abs_sum / scale
+        self.channel_min = self.channel_min / scale
         if self.reservoir_max is not None:
             self.reservoir_max, self.reservoir_min = self.reservoir_max / scale, self.reservoir_min / scale
 

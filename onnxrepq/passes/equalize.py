@@ -21,7 +21,7 @@ from typing import Mapping, Optional
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..calibrate.runner import run_finite_tensors, session_for
+from ..calibrate.channel_stats import collect_channel_stats
 from ..graph.patterns import constant_value, sole_consumer
 from .base import PassResult
 
@@ -161,17 +161,9 @@ def _bias(conv: gs.Node) -> np.ndarray:
 
 def channel_extremes(model, tensors: list[str], feeds) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per-channel (axis 1) absmax and minimum of ``tensors`` over ``feeds``, in one onnxruntime pass."""
-    absmax: dict[str, np.ndarray] = {}
-    minima: dict[str, np.ndarray] = {}
-    if not tensors:
-        return absmax, minima
-    for values in run_finite_tensors(session_for(model, tensors), feeds, tensors):
-        for name, value in values.items():
-            rows = np.moveaxis(np.asarray(value, np.float64).reshape(value.shape[0], value.shape[1], -1), 1, 0)
-            rows = rows.reshape(rows.shape[0], -1)
-            absmax[name] = np.maximum(absmax.get(name, 0.0), np.abs(rows).max(axis=1))
-            minima[name] = np.minimum(minima.get(name, np.inf), rows.min(axis=1))
-    return absmax, minima
+    stats = collect_channel_stats(model, tensors, feeds)
+    return ({name: value.channel_absmax for name, value in stats.items() if value.channel_absmax is not None},
+            {name: value.channel_min for name, value in stats.items() if value.channel_min is not None})
 
 
 def equalization_pairs(graph: gs.Graph) -> list[tuple[gs.Node, gs.Node]]:
