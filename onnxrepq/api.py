@@ -24,8 +24,9 @@ from .emit.codebook import ClusterWeights, EmitCodebookWeights, build_codebooks
 from .emit.constant_operands import QuantizeConstantOperands
 from .emit.finalize import FoldWeightQuantizers, QuantizeBias
 from .emit.int4_matmul import Int4Weight, StoreInt4Weights, pack_int4_initializers, storage_label, weight_only_int4
+from .emit.redundant_clips import DropRedundantClips
 from .emit.placement import plan_quantization, relead
-from .emit.targets import TARGETS
+from .emit.targets import TARGETS, TargetRules
 from .graph.io import ModelLike, check_model, load_model
 from .passes.base import PassRecord, run_passes
 from .passes.cleanup import Cleanup
@@ -35,6 +36,7 @@ from .passes.equalize import EqualizeConfig, EqualizeCrossLayer, channel_extreme
 from .passes.fold_constants import FoldConstants
 from .passes.fuse_branches import FuseParallelBranches
 from .passes.fuse_hardswish import FuseHardSwish
+from .passes.hard_gates import HardGatesAsConv
 from .passes.insert_qdq import ActivationQuant, InsertQDQ, WeightQuant
 from .passes.names import NameNodes
 from .passes.opset import UpgradeOpset
@@ -84,10 +86,17 @@ def normalization_passes(config: Optional[QuantConfig] = None) -> list:
     ]
 
 
+def target_passes(rules: TargetRules) -> list:
+    """Float rewrites, exact in float, that give the target runtime integer kernels where it has none."""
+    return [HardGatesAsConv()] if rules.hard_gates_as_conv else []
+
+
 def normalize(model: ModelLike, config: Optional[QuantConfig] = None) -> tuple[gs.Graph, list[PassRecord]]:
+    """The normalized float graph; given a config (a quantization is planned), also shaped for its target."""
     proto = load_model(model)
     graph = gs.import_onnx(proto)
-    return run_passes(graph, normalization_passes(config))
+    passes = normalization_passes(config) + (target_passes(TARGETS[config.target]) if config is not None else [])
+    return run_passes(graph, passes)
 
 
 def equalize_on_data(graph: gs.Graph, normalized: onnx.ModelProto, calibration, samples: int = 64,
@@ -281,7 +290,7 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
     store_int4 = [StoreInt4Weights(int4)] if int4 else []
     constant_operands = [QuantizeConstantOperands(rules.int8_ops)] if rules.quantize_constant_operands else []
     graph, emitted = run_passes(graph, [*clustering, *store_int4, insert, *constant_operands, *reconstruct, *correct,
-                                        FoldWeightQuantizers(),
+                                        DropRedundantClips(), FoldWeightQuantizers(),
                                         *([QuantizeBias()] if rules.int32_bias else []),
                                         *([EmitCodebookWeights(codebooks)] if codebooks else [])])
     timings["reconstruct_and_emit"] = time.perf_counter() - started

@@ -160,9 +160,14 @@ def test_qdq_layout(name, quantized):
 
 
 def test_hardswish_is_fused_before_quantization(quantized):
-    ops = collections.Counter(node.op_type for node in quantized["hardswish"].graph.node)
-    assert ops["Clip"] == 0 and ops["Div"] == 0
-    assert ops["HardSigmoid"] == 1 or ops["HardSwish"] == 1
+    """Fused into one HardSwish, which the ort-cpu target then writes as x * Clip(depthwise 1x1 conv(x), 0, 1);
+    the Clip goes at emission, the quantizer after it holding [0, 1] already."""
+    graph = quantized["hardswish"].graph
+    ops = collections.Counter(node.op_type for node in graph.node)
+    assert ops["Div"] == 0 and ops["HardSigmoid"] == 0 and ops["HardSwish"] == 0
+    assert ops["Clip"] == 0 and ops["Mul"] == 1
+    groups = [next((a.i for a in n.attribute if a.name == "group"), 1) for n in graph.node if n.op_type == "Conv"]
+    assert sorted(groups) == [1, 1, 8]
 
 
 def test_dynamic_batch_survives(quantized):

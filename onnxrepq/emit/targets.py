@@ -10,7 +10,8 @@ onnxruntime CPU (its QDQ selectors, onnxruntime/core/optimizer/qdq_transformer/s
 - Relu before Q is removed when the zero point is the type minimum (with 128 the conv stays float);
   Clip(0, 6) likewise, only when the Q range lies inside [0, 6].
 - A DQ shared by two consumers is as good as one DQ each (both convs become QLinearConv).
-- ConvTranspose stays float whatever its weight layout; HardSwish and HardSigmoid stay float.
+- ConvTranspose stays float whatever its weight layout; HardSwish and HardSigmoid stay float, so the
+  ort-cpu target rewrites them as a depthwise 1x1 conv and a clip first (passes/hard_gates.py).
 - DQ(int4, axis 0, block_size) -> MatMul/Gemm on a float input becomes com.microsoft MatMulNBits
   (conditions in emit/int4_matmul.py); an int4 Conv weight is dequantized on every run instead.
 Each line above: checked on onnxruntime 1.32 by tests/emit/test_ort_cpu_rules.py.
@@ -62,6 +63,9 @@ class TargetRules:
     # Give an all-equal float operand of a quantized Add/Mul an exact uint8 DequantizeLinear
     # (emit/constant_operands.py): onnxruntime fuses QLinearAdd/QLinearMul only with DQ on every input.
     quantize_constant_operands: bool = False
+    # Rewrite HardSigmoid/HardSwish as a depthwise 1x1 conv and Clip(0, 1) before calibration
+    # (passes/hard_gates.py): the runtime has an int8 conv but no int8 hard gate.
+    hard_gates_as_conv: bool = False
 
 
 ORT_CPU = TargetRules(
@@ -74,6 +78,7 @@ ORT_CPU = TargetRules(
     symmetric_activations=False,
     weight_only_int4=frozenset({"MatMul", "Gemm"}),   # MatMulNBits; no int4 Conv kernel
     quantize_constant_operands=True,
+    hard_gates_as_conv=True,
 )
 
 TENSORRT = TargetRules(
