@@ -239,10 +239,16 @@ def _inspect(args) -> int:
     for record in report.passes:
         for note in record.notes:
             print(f"  [{record.name}] {note}")
-    print(f"would quantize {len(report.quantizable)} layers"
-          f" ({', '.join(sorted({op for _, op in report.quantizable}))})")
-    for name, reason in report.left_float.items():
-        print(f"  kept float: {name}: {reason}")
+    if report.op_counts.get("DequantizeLinear"):
+        # a QDQ model: every weight sits behind a DequantizeLinear, so listing each as "kept float" says nothing
+        print(f"already quantized: DequantizeLinear {report.op_counts['DequantizeLinear']}, QuantizeLinear "
+              f"{report.op_counts.get('QuantizeLinear', 0)}"
+              + ("" if coverage else "; --runtime counts the integer kernels onnxruntime CPU makes of it"))
+    else:
+        print(f"would quantize {len(report.quantizable)} layers"
+              f" ({', '.join(sorted({op for _, op in report.quantizable}))})")
+        for name, reason in report.left_float.items():
+            print(f"  kept float: {name}: {reason}")
     if coverage:
         print("onnxruntime CPU kernels:\n" + coverage.summary())
     return 0

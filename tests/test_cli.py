@@ -148,6 +148,13 @@ def test_inspect_says_what_it_would_quantize(files, capsys):
     assert "would quantize 1 layers (Conv)" in out and "opset 13" in out
 
 
+def test_inspect_of_a_quantized_model_counts_kernels_instead_of_listing_float_layers(files, quantized, capsys):
+    assert main(["inspect", "--runtime", str(files / "q.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "already quantized: DequantizeLinear" in out and "kept float" not in out and "would quantize" not in out
+    assert "onnxruntime CPU kernels:" in out and "coverage" in out   # its one conv writes the output: float
+
+
 def test_console_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "onnxrepq.cli", "--help"], capture_output=True, text=True,
                             timeout=120)
