@@ -140,3 +140,24 @@ def test_ablate_reconstruction_rows_are_finite():
     assert rows[0]["fp32_top1"] == 100.0 and rows[1]["blocks"].startswith("1 blocks")
     table = ablate.markdown(rows)
     assert "| tiny (100.00) | W4A8 | " in table and table.count("| tiny") == 1
+
+
+def test_narrow_activation_probe_holds_the_grid_and_changes_nothing_else():
+    """tools/narrow_activations.py: a narrowed quantizer emits at most 2^bits levels over its 8-bit range;
+    narrowing none gives the 8-bit model's outputs bit for bit."""
+    import onnxrepq
+    from onnxrepq.config import QuantConfig
+    from tests.models_for_tests import conv_bn_model, run_ort, structured_images
+    from tools.narrow_activations import activation_quantizers, narrowed
+
+    model = onnxrepq.quantize(conv_bn_model(channels=4, size=16), structured_images(8, seed=1), QuantConfig(fast=True))
+    feeds = {"x": structured_images(4, seed=2) * 3}
+    quantizers = activation_quantizers(model)
+    assert quantizers and all(q.op_type == "QuantizeLinear" for q in quantizers)
+    np.testing.assert_array_equal(run_ort(narrowed(model, set(), 6), feeds)[0], run_ort(model, feeds)[0])
+
+    probe = narrowed(model, {quantizers[0].name}, 6)
+    probe.graph.output.append(helper.make_tensor_value_info(f"{quantizers[0].name}__narrow_clipped", TensorProto.UINT8,
+                                                            None))
+    levels = run_ort(probe, feeds, optimize=False)[-1]
+    assert len(np.unique(levels)) <= 64 and levels.max() <= 63
