@@ -42,6 +42,7 @@ from .passes.names import NameNodes
 from .passes.opset import UpgradeOpset
 from .progress import Progress
 from .reconstruct.learn import ReconstructBlocks
+from .reconstruct.ops import UnsupportedOpError, op_function
 from .search.criteria import activation_range, weight_scales
 from .search.mixed_precision import MixedPrecisionResult, choose_bit_widths, sensitivity_runs
 from .emit.saturation import pairs_overflow, reduced_weight_grid, resolve_weight_range
@@ -58,6 +59,8 @@ class QuantizeResult:
     timings: dict[str, float] = field(default_factory=dict)
     calibration_samples: int = 0
     calibration_hash: str = ""
+    # What the user should hear about: the recipe ran differently from what was asked, and why.
+    notices: list[str] = field(default_factory=list)
     # For the report: the float model the quantized one is compared with, and the data it was calibrated on.
     float_model: Optional[onnx.ModelProto] = field(default=None, repr=False)
     calibration_data: Any = field(default=None, repr=False)
@@ -276,6 +279,15 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
         if row.get("input_tensor") in moved_ranges:
             row["input_outlier_range"] = [[float(v) for v in r] for r in moved_ranges[row["input_tensor"]]]  # [plain, chosen]
     layer_grids = {slot.node: weight_params[slot.node].grid for slot in plan.weights}
+    notices = []
+    missing = [] if config.fast else torch_missing_ops(graph)
+    if missing:
+        # The torch executor runs the whole QDQ graph block by block; an op it lacks (LSTM, say) stops
+        # every block after it, so the run falls back to the fast recipe rather than failing.
+        notices.append(f"block reconstruction skipped: the torch executor has no {', '.join(missing)};"
+                       " the scale search with bias correction (the --fast recipe) was kept")
+        records.append(PassRecord("reconstruct_blocks", False, notices[-1:]))
+        config = replace(config, fast=True)
     reconstruct = [] if config.fast else [ReconstructBlocks(normalized, list(calibration_data), wgrid,
                                                             config.reconstruction, config.seed, progress,
                                                             layer_grids)]
@@ -299,9 +311,20 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
     for store in store_int4:
         pack_int4_initializers(quantized, store.initializers)
     result = QuantizeResult(quantized, records, layers, timings, calibration_data.count(),
-                            _hash_calibration(calibration_data), normalized, calibration_data)
+                            _hash_calibration(calibration_data), notices, normalized, calibration_data)
     _write_metadata(result, config)
     return result
+
+
+def torch_missing_ops(graph: gs.Graph) -> list[str]:
+    """Op types in ``graph`` that the reconstruction's torch executor has no function for."""
+    missing = set()
+    for node in graph.nodes:
+        try:
+            op_function(node)
+        except UnsupportedOpError:
+            missing.add(node.op if node.domain in ("", "ai.onnx", None) else f"{node.domain}::{node.op}")
+    return sorted(missing)
 
 
 def _mixed_precision(normalized, graph, plan, calibration_data, config: QuantConfig, grid_for, progress: bool

@@ -200,6 +200,10 @@ def _quantize(args) -> int:
         report = write_report(result, config, args.report)
         summary.update(report=str(args.report), report_seconds=round(report["timings"]["report"], 2),
                        **{k: v for k, v in report["model"].items()})
+    if not args.quiet:
+        for notice in result.notices:
+            print(f"onnxrepq: note: {notice}", file=sys.stderr)
+    summary["notices"] = result.notices
     if args.json:
         print(json.dumps(summary))
     elif not args.quiet:

@@ -200,3 +200,36 @@ def test_quantize_takes_a_proto_and_a_reader_and_leaves_the_proto_alone(exported
     from_path = onnxrepq.quantize(str(path), CALIBRATION)
     assert from_path.graph.SerializeToString(deterministic=True) == from_reader.graph.SerializeToString(
         deterministic=True)
+
+
+class ConvLSTMNet(nn.Module):
+    """A CRNN in miniature (conv features, an LSTM over the width, a linear head), as OCR recognizers export."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=(4, 1), padding=1))
+        self.lstm = nn.LSTM(8 * 4, 16, batch_first=True)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        features = self.conv(x)                                     # n, 8, 4, 16
+        sequence = features.flatten(1, 2).transpose(1, 2)           # n, 16, 32
+        return self.head(self.lstm(sequence)[0])
+
+
+def test_default_recipe_falls_back_to_fast_on_an_op_torch_cannot_run(capsys, tmp_path):
+    """The default recipe on a model with an LSTM succeeds (the issue's unseen OCR recognizer failed with
+    'the torch executor has no op LSTM'): scale search with bias correction, and it says so."""
+    model = export_torch(ConvLSTMNet().eval(), CALIBRATION[:1], dynamic_batch=False)
+    assert "LSTM" in {node.op_type for node in model.graph.node}
+    path = tmp_path / "crnn.onnx"
+    save_model_atomic(model, path)
+    np.save(tmp_path / "calib.npy", CALIBRATION[:8])
+    from onnxrepq.cli import main
+    assert main(["quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "calib.npy")]) == 0
+    assert "block reconstruction skipped: the torch executor has no LSTM" in capsys.readouterr().err
+    quantized = onnx.load(str(tmp_path / "q.onnx"))
+    recipe = {p.key: p.value for p in quantized.metadata_props}["onnxrepq.recipe"]
+    assert '"fast": true' in recipe
+    feeds = {"x": HELD_OUT[:1]}
+    assert sqnr_db(run_ort(model, feeds)[0], run_ort(quantized, feeds)[0]) > 20.0   # measured 44.7 dB
