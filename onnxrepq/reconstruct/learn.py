@@ -6,8 +6,9 @@ few adjacent weight layers (``partition``). Block by block, in topological order
    (graph inputs come from the calibration data); with QDrop (arXiv 2203.05740) each element is
    taken from the float model instead with probability ``qdrop``;
 2. its targets are the float model's values of the block outputs: a simulation tensor
-   ``X_dequantized_k`` stands for the float tensor ``X``; outputs that hold integers
-   (``X_quantized``) or have no float counterpart are not supervised;
+   ``X_dequantized_k`` stands for the float tensor ``X``; an output that holds integers
+   (``X_quantized``, or ``X_quantized_narrow`` after the integer Clip of a grid below 8 bits) is
+   seen through its DequantizeLinear; outputs with no float counterpart are not supervised;
 3. Adam learns the block's quantizers (``quantizers.py``) on the relative MAE (or MSE) between the
    block's outputs and the targets, plus AdaRound's rounding regulariser;
 4. the hard result is written into the graph's constants and the block is run once more on every
@@ -39,7 +40,10 @@ from .quantizers import BlockQuantizers
 
 Feed = Mapping[str, np.ndarray]
 Values = dict[str, list[np.ndarray]]     # tensor name -> one array per calibration feed
-_QDQ_SUFFIX = re.compile(r"_(dequantized_\d+|quantized)$")
+# ``X_quantized_narrow``: the integer Clip after the QuantizeLinear of a grid narrower than its
+# container (6-bit activations in uint8, passes/insert_qdq.py); it holds integers like ``X_quantized``.
+_QDQ_SUFFIX = re.compile(r"_(dequantized_\d+|quantized_narrow|quantized)$")
+_INTEGER_SUFFIX = re.compile(r"_quantized(_narrow)?$")
 
 
 def float_name(simulation_name: str) -> str:
@@ -163,13 +167,28 @@ def _comparable(graph: gs.Graph, outputs: Sequence[str]) -> list[str]:
     tensors = graph.tensors()
     found = []
     for name in outputs:
-        if name.endswith("_quantized"):
-            restore = [c for c in tensors[name].outputs if c.op == "DequantizeLinear"]
-            if not restore:
+        if _INTEGER_SUFFIX.search(name):
+            restore = _first_dequantize(tensors[name])
+            if restore is None:
                 continue
-            name = restore[0].outputs[0].name
+            name = restore.outputs[0].name
         found.append(name)
     return found
+
+
+def _first_dequantize(tensor: gs.Tensor, depth: int = 2):
+    """The first DequantizeLinear reading the integers of ``tensor``, past the integer Clip that holds
+    a narrow grid (``X_quantized`` -> Clip -> ``X_quantized_narrow`` -> DequantizeLinear at 6 bits):
+    without it a block cut there at 6 bits had no supervised output and learned nothing."""
+    for consumer in tensor.outputs:
+        if consumer.op == "DequantizeLinear":
+            return consumer
+    for consumer in tensor.outputs:
+        if depth > 0 and consumer.op == "Clip" and consumer.outputs:
+            found = _first_dequantize(consumer.outputs[0], depth - 1)
+            if found is not None:
+                return found
+    return None
 
 
 class _BlockData:
@@ -212,7 +231,7 @@ class _BlockData:
 
     def _mixable(self, name: str, value: torch.Tensor) -> bool:
         floats = self.float_inputs[name]
-        return (floats is not None and value.is_floating_point() and not name.endswith("_quantized")
+        return (floats is not None and value.is_floating_point() and not _INTEGER_SUFFIX.search(name)
                 and floats[0].dtype == np.float32)
 
     @staticmethod
