@@ -38,7 +38,7 @@ CASES = {   # activation, scale, zero point, integer clip top; whether the activ
     "unit_clip_8bit": ("Clip", 1 / 255, 0, None, True),
     "unit_clip_6bit": ("Clip", 1 / 63, 0, 63, True),     # onnxruntime alone keeps this one float
     "relu_6bit": ("Relu", 0.02, 0, 63, True),
-    "clip_wider_than_bounds": ("Clip", 2 / 255, 0, None, False),
+    "clip_grid_below_its_bound": ("Clip", 2 / 255, 10, None, False),   # past 1 too: fitting needs the low end
     "relu_below_zero": ("Relu", 0.02, 10, None, False),
 }
 
@@ -63,3 +63,20 @@ def test_conv_before_a_narrow_grid_becomes_qlinearconv_once_the_clip_is_gone():
     after, _ = apply_passes(model, [DropRedundantClips()])
     fused = collections.Counter(n.op_type for n in optimized_model(after).graph.node)
     assert fused["QLinearConv"] == 1 and fused["Conv"] == 0
+
+
+def test_grid_grown_past_the_clip_is_fitted_to_it_and_the_conv_fuses():
+    """A learned step that carries a [0, 1] gate's grid to 1.1 (the default recipe on PP-OCRv4 det left 33 convs
+    float that way): the step shrinks so the grid ends at 1, the clip goes, onnxruntime makes a QLinearConv."""
+    model = conv_clip_quantize("Clip", 1.1 / 255, 0, None)
+    before = collections.Counter(n.op_type for n in optimized_model(model).graph.node)
+    assert before["QLinearConv"] == 0
+    after, (record,) = apply_passes(model, [DropRedundantClips()])
+    assert "Clip" not in op_types(after) and record.modified
+    scale = next(i for i in after.graph.initializer if i.name == "ys")
+    assert np.rint(np.float32(1.0) / np.frombuffer(scale.raw_data, np.float32)[0]) >= 255
+    fused = collections.Counter(n.op_type for n in optimized_model(after).graph.node)
+    assert fused["QLinearConv"] == 1
+    feeds = {"x": rng.uniform(-8, 8, (2, 4, 8, 8)).astype(np.float32)}
+    out = run_ort(after, feeds, optimize=False)[0]
+    assert out.min() >= 0 and out.max() <= 1.0 + 1e-6 and np.isclose(out.max(), 1.0)   # the clip still holds
