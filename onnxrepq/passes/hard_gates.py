@@ -126,9 +126,8 @@ def _inferred_shapes(graph: gs.Graph) -> dict[str, list]:
 
 
 def _channels(tensor: gs.Tensor, shapes: dict[str, list]) -> Optional[int]:
-    shape = list(tensor.shape) if tensor.shape is not None else shapes.get(tensor.name)
-    if shape is None or len(shape) != 4 or not isinstance(shape[1], (int, np.integer)) or shape[1] <= 0:
-        shape = shapes.get(tensor.name)
-    if shape is None or len(shape) != 4 or not isinstance(shape[1], (int, np.integer)) or shape[1] <= 0:
-        return None
-    return int(shape[1])
+    """Dim 1 of a 4-d tensor, from its own shape or else onnx's inference."""
+    for shape in (tensor.shape, shapes.get(tensor.name)):
+        if shape is not None and len(shape) == 4 and isinstance(shape[1], (int, np.integer)) and shape[1] > 0:
+            return int(shape[1])
+    return None
