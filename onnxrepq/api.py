@@ -42,7 +42,7 @@ from .passes.names import NameNodes
 from .passes.opset import UpgradeOpset
 from .progress import Progress
 from .reconstruct.learn import ReconstructBlocks
-from .reconstruct.ops import UnsupportedOpError, op_function
+from .reconstruct.ops import missing_ops
 from .search.criteria import activation_range, weight_scales
 from .search.mixed_precision import MixedPrecisionResult, choose_bit_widths, sensitivity_runs
 from .emit.saturation import pairs_overflow, reduced_weight_grid, resolve_weight_range
@@ -280,7 +280,7 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
             row["input_outlier_range"] = [[float(v) for v in r] for r in moved_ranges[row["input_tensor"]]]  # [plain, chosen]
     layer_grids = {slot.node: weight_params[slot.node].grid for slot in plan.weights}
     notices = []
-    missing = [] if config.fast else torch_missing_ops(graph)
+    missing = [] if config.fast else missing_ops(graph.nodes)
     if missing:
         # The torch executor runs the whole QDQ graph block by block; an op it lacks (LSTM, say) stops
         # every block after it, so the run falls back to the fast recipe rather than failing.
@@ -314,17 +314,6 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
                             _hash_calibration(calibration_data), notices, normalized, calibration_data)
     _write_metadata(result, config)
     return result
-
-
-def torch_missing_ops(graph: gs.Graph) -> list[str]:
-    """Op types in ``graph`` that the reconstruction's torch executor has no function for."""
-    missing = set()
-    for node in graph.nodes:
-        try:
-            op_function(node)
-        except UnsupportedOpError:
-            missing.add(node.op if node.domain in ("", "ai.onnx", None) else f"{node.domain}::{node.op}")
-    return sorted(missing)
 
 
 def _mixed_precision(normalized, graph, plan, calibration_data, config: QuantConfig, grid_for, progress: bool

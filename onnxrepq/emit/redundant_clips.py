@@ -73,24 +73,36 @@ def _fit_to_upper_bound(graph: gs.Graph, quantizer: gs.Node, bounds: tuple[float
     before it in float (PP-OCRv4 det, default recipe: 33 float convs). Values past the bound never reach
     the quantizer, so the finer grid changes only rounding. Done only where the lower end already holds.
     """
-    if not np.isfinite(bounds[1]) or bounds[1] <= 0 or len(quantizer.inputs) < 3:
+    grid = _grid(graph, quantizer)
+    if grid is None or not np.isfinite(bounds[1]) or bounds[1] <= 0:
         return False
-    scale, zero_point = constant_value(quantizer.inputs[1]), constant_value(quantizer.inputs[2])
-    if scale is None or zero_point is None or scale.size != 1 or zero_point.size != 1:
-        return False
-    low, high = _grid_ends(graph, quantizer, zero_point)
-    zero = float(zero_point.reshape(()))
-    if high <= zero or not np.rint(np.float32(bounds[0]) / np.float32(scale.reshape(()))) + zero <= low:
+    step, zero, low, high = grid
+    if high <= zero or _level(bounds[0], step, zero) > low:
         return False
     fitted = np.float32(bounds[1] / (high - zero))
-    while np.rint(np.float32(bounds[1]) / fitted) + zero < high:   # float32 rounding: end exactly on the bound
+    while _level(bounds[1], fitted, zero) < high:   # float32 rounding: end exactly on the bound
         fitted = np.nextafter(fitted, np.float32(0))
-    quantizer.inputs[1].values = np.array(fitted, dtype=np.float32).reshape(scale.shape)
+    quantizer.inputs[1].values = np.array(fitted, dtype=np.float32).reshape(quantizer.inputs[1].values.shape)
     return True
 
 
-def _grid_ends(graph: gs.Graph, quantizer: gs.Node, zero_point: np.ndarray) -> tuple[int, int]:
-    """The lowest and highest integer the quantized tensor holds: its type, narrowed by an integer Clip after it."""
+def _enforced_by(graph: gs.Graph, quantizer: gs.Node, bounds: tuple[float, float]) -> bool:
+    """Whether the quantizer maps the lower bound to its lowest level and the upper to its highest."""
+    grid = _grid(graph, quantizer)
+    if grid is None:
+        return False
+    step, zero, low, high = grid
+    return bool(_level(bounds[0], step, zero) <= low and _level(bounds[1], step, zero) >= high)
+
+
+def _grid(graph: gs.Graph, quantizer: gs.Node) -> Optional[tuple[np.float32, float, int, int]]:
+    """(step, zero point, lowest and highest integer held) of a per-tensor quantizer; the integers are its
+    type's, narrowed by an integer Clip right after it."""
+    if len(quantizer.inputs) < 3:
+        return None
+    scale, zero_point = constant_value(quantizer.inputs[1]), constant_value(quantizer.inputs[2])
+    if scale is None or zero_point is None or scale.size != 1 or zero_point.size != 1:
+        return None
     info = np.iinfo(zero_point.dtype)
     low, high = info.min, info.max
     narrow = sole_consumer(quantizer.outputs[0], graph)
@@ -98,18 +110,10 @@ def _grid_ends(graph: gs.Graph, quantizer: gs.Node, zero_point: np.ndarray) -> t
         limits = _bounds(narrow)
         if limits is not None:
             low, high = max(low, limits[0]), min(high, limits[1])
-    return low, high
+    return np.float32(scale.reshape(())), float(zero_point.reshape(())), low, high
 
 
-def _enforced_by(graph: gs.Graph, quantizer: gs.Node, bounds: tuple[float, float]) -> bool:
-    """Whether the quantizer maps the lower bound to its lowest level and the upper to its highest."""
-    if len(quantizer.inputs) < 3:
-        return False
-    scale, zero_point = constant_value(quantizer.inputs[1]), constant_value(quantizer.inputs[2])
-    if scale is None or zero_point is None or scale.size != 1 or zero_point.size != 1:
-        return False
-    low, high = _grid_ends(graph, quantizer, zero_point)
-    step, zero = np.float32(scale.reshape(())), float(zero_point.reshape(()))
+def _level(value: float, step: np.float32, zero: float) -> float:
+    """The unsaturated integer QuantizeLinear computes for ``value`` (float32 division, round half to even)."""
     with np.errstate(over="ignore", invalid="ignore"):
-        ends = [np.rint(np.float32(bound) / step) + zero for bound in bounds]
-    return bool(ends[0] <= low and ends[1] >= high)
+        return float(np.rint(np.float32(value) / step) + zero)

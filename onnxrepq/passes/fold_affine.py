@@ -100,7 +100,7 @@ class FoldAffineIntoConv:
         return PassResult(graph, bool(folded_after or folded_before), notes)
 
     def _fold_following(self, graph: gs.Graph, conv: gs.Node) -> bool:
-        weights = _weights(conv)
+        weights = linear_weights(conv)
         if weights is None or len(conv.outputs) != 1:
             return False
         weight, bias = weights
@@ -119,12 +119,12 @@ class FoldAffineIntoConv:
         shape[axis] = channels
         new_weight = weight.astype(np.float64) * affine.scale.reshape(shape)
         new_bias = bias.astype(np.float64) * affine.scale + affine.shift
-        _set_weights(conv, new_weight.astype(weight.dtype), new_bias.astype(weight.dtype))
+        set_linear_weights(conv, new_weight.astype(weight.dtype), new_bias.astype(weight.dtype))
         bypass_node(graph, nxt, out)
         return True
 
     def _fold_preceding(self, graph: gs.Graph, conv: gs.Node) -> bool:
-        weights = _weights(conv)
+        weights = linear_weights(conv)
         if weights is None:
             return False
         prev = conv.inputs[0].inputs[0] if len(conv.inputs[0].inputs) == 1 else None
@@ -148,12 +148,14 @@ class FoldAffineIntoConv:
         shift = affine.shift[index].reshape(out_channels, per_group_in, *([1] * (weight.ndim - 2)))
         w64 = weight.astype(np.float64)
         new_bias = bias.astype(np.float64) + (w64 * shift).reshape(out_channels, -1).sum(axis=1)
-        _set_weights(conv, (w64 * scale).astype(weight.dtype), new_bias.astype(weight.dtype))
+        set_linear_weights(conv, (w64 * scale).astype(weight.dtype), new_bias.astype(weight.dtype))
         bypass_node(graph, prev, source)
         return True
 
 
-def _weights(node: gs.Node):
+def linear_weights(node: gs.Node):
+    """(weight, bias per output channel) of a Conv/Gemm/ConvTranspose with constant weights, bias zeros when
+    absent; None where the layer cannot take a per-channel affine."""
     if len(node.inputs) < 2:
         return None
     weight = constant_value(node.inputs[1])
@@ -189,7 +191,7 @@ def _output_channels(node: gs.Node, weight: np.ndarray):
     return weight.shape[0], 0
 
 
-def _set_weights(node: gs.Node, weight: np.ndarray, bias: np.ndarray) -> None:
+def set_linear_weights(node: gs.Node, weight: np.ndarray, bias: np.ndarray) -> None:
     base = node.name or node.outputs[0].name
     inputs = list(node.inputs)
     inputs[1] = gs.Constant(f"{base}__weight", np.ascontiguousarray(weight))

@@ -15,8 +15,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..graph.patterns import constant_value, is_graph_output, sole_consumer
+from ..graph.patterns import is_graph_output, sole_consumer
 from .base import PassResult
+from .fold_affine import linear_weights, set_linear_weights
 
 _DEFAULTS = {"HardSigmoid": (0.2, 0.5), "HardSwish": (1.0 / 6.0, 0.5)}
 
@@ -73,16 +74,12 @@ def _fold_into_producer(graph: gs.Graph, node: gs.Node, alpha: float, beta: floa
     conv = x.inputs[0] if len(x.inputs) == 1 else None
     if conv is None or conv.op != "Conv" or sole_consumer(x, graph) is not node or len(conv.outputs) != 1:
         return False
-    weight = constant_value(conv.inputs[1]) if len(conv.inputs) > 1 else None
-    bias = constant_value(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2].name else None
-    if weight is None or weight.dtype != np.float32 or (len(conv.inputs) > 2 and conv.inputs[2].name
-                                                        and bias is None):
+    weights = linear_weights(conv)
+    if weights is None:
         return False
-    bias = np.zeros(weight.shape[0], np.float64) if bias is None else bias.astype(np.float64)
-    base = x.name
-    conv.inputs = [conv.inputs[0],
-                   gs.Constant(f"{base}__gate_weight", (weight.astype(np.float64) * alpha).astype(np.float32)),
-                   gs.Constant(f"{base}__gate_bias", (bias * alpha + beta).astype(np.float32))]
+    weight, bias = weights
+    set_linear_weights(conv, (weight.astype(np.float64) * alpha).astype(weight.dtype),
+                       (bias.astype(np.float64) * alpha + beta).astype(weight.dtype))
     _become_unit_clip(node, x)
     return True
 

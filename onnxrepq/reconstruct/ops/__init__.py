@@ -7,9 +7,9 @@ room (rounding, clamping), because the executor is only useful if it agrees with
 """
 from __future__ import annotations
 
-from .registry import OPS, UnsupportedOpError, op_function
+from .registry import OPS, UnsupportedOpError, missing_ops, op_function
 
 # Importing the modules fills the registry.
 from . import elementwise, nn, pool, quant, resize, shape  # noqa: E402,F401
 
-__all__ = ["OPS", "UnsupportedOpError", "op_function"]
+__all__ = ["OPS", "UnsupportedOpError", "missing_ops", "op_function"]

@@ -38,6 +38,17 @@ def op_function(node: gs.Node) -> OpFunction:
         raise UnsupportedOpError(f"the torch executor has no op {node.op!r} (node {node.name!r})") from None
 
 
+def missing_ops(nodes) -> list[str]:
+    """Op types among ``nodes`` that have no torch function (checked up front, before any block runs)."""
+    missing = set()
+    for node in nodes:
+        try:
+            op_function(node)
+        except UnsupportedOpError:
+            missing.add(node.op if node.domain in ("", "ai.onnx", None) else f"{node.domain}::{node.op}")
+    return sorted(missing)
+
+
 def int_list(tensor: Optional[torch.Tensor]) -> Optional[list[int]]:
     """A small integer input (axes, shape, pads) as a Python list."""
     return None if tensor is None else [int(v) for v in tensor.reshape(-1).tolist()]
