@@ -42,7 +42,6 @@ from .passes.names import NameNodes
 from .passes.opset import UpgradeOpset
 from .progress import Progress
 from .reconstruct.learn import ReconstructBlocks
-from .reconstruct.ops import missing_ops
 from .search.criteria import activation_range, weight_scales
 from .search.mixed_precision import MixedPrecisionResult, choose_bit_widths, sensitivity_runs
 from .emit.saturation import pairs_overflow, reduced_weight_grid, resolve_weight_range
@@ -280,14 +279,6 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
             row["input_outlier_range"] = [[float(v) for v in r] for r in moved_ranges[row["input_tensor"]]]  # [plain, chosen]
     layer_grids = {slot.node: weight_params[slot.node].grid for slot in plan.weights}
     notices = []
-    missing = [] if config.fast else missing_ops(graph.nodes)
-    if missing:
-        # The torch executor runs the whole QDQ graph block by block; an op it lacks (LSTM, say) stops
-        # every block after it, so the run falls back to the fast recipe rather than failing.
-        notices.append(f"block reconstruction skipped: the torch executor has no {', '.join(missing)};"
-                       " the scale search with bias correction (the --fast recipe) was kept")
-        records.append(PassRecord("reconstruct_blocks", False, notices[-1:]))
-        config = replace(config, fast=True)
     reconstruct = [] if config.fast else [ReconstructBlocks(normalized, list(calibration_data), wgrid,
                                                             config.reconstruction, config.seed, progress,
                                                             layer_grids)]
@@ -307,6 +298,12 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
                                         *([EmitCodebookWeights(codebooks)] if codebooks else [])])
     timings["reconstruct_and_emit"] = time.perf_counter() - started
     records += emitted
+    for learner in reconstruct:
+        if learner.unlearned:
+            ops = sorted({op for missing in learner.unlearned.values() for op in missing})
+            notices.append(f"{len(learner.unlearned)} of {len(learner.unlearned) + len(learner.reports)} blocks were"
+                           f" not reconstructed: the torch executor has no {', '.join(ops)}; they keep the scale"
+                           " search's ranges and nearest rounding")
     quantized = _export(graph)
     for store in store_int4:
         pack_int4_initializers(quantized, store.initializers)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import collections
+import json
+import re
 
 import numpy as np
 import onnx
@@ -217,19 +219,25 @@ class ConvLSTMNet(nn.Module):
         return self.head(self.lstm(sequence)[0])
 
 
-def test_default_recipe_falls_back_to_fast_on_an_op_torch_cannot_run(capsys, tmp_path):
-    """The default recipe on a model with an LSTM succeeds (the issue's unseen OCR recognizer failed with
-    'the torch executor has no op LSTM'): scale search with bias correction, and it says so."""
+def test_default_recipe_reconstructs_around_an_op_torch_cannot_run(capsys, tmp_path):
+    """The default recipe on a model with an LSTM (the issue's unseen OCR recognizer first failed with
+    'the torch executor has no op LSTM', then fell back to --fast): the conv blocks are reconstructed,
+    onnxruntime runs the LSTM's block, and the run says which blocks kept the scale search's values."""
     model = export_torch(ConvLSTMNet().eval(), CALIBRATION[:1], dynamic_batch=False)
     assert "LSTM" in {node.op_type for node in model.graph.node}
     path = tmp_path / "crnn.onnx"
     save_model_atomic(model, path)
     np.save(tmp_path / "calib.npy", CALIBRATION[:8])
     from onnxrepq.cli import main
-    assert main(["quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "calib.npy")]) == 0
-    assert "block reconstruction skipped: the torch executor has no LSTM" in capsys.readouterr().err
+    assert main(["quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "calib.npy"),
+                 "--report", str(tmp_path / "report")]) == 0
+    assert "blocks were not reconstructed: the torch executor has no LSTM" in capsys.readouterr().err
     quantized = onnx.load(str(tmp_path / "q.onnx"))
     recipe = {p.key: p.value for p in quantized.metadata_props}["onnxrepq.recipe"]
-    assert '"fast": true' in recipe
+    assert '"fast": false' in recipe
+    passes = {p["name"]: p for p in json.loads((tmp_path / "report" / "report.json").read_text())["passes"]}
+    notes = passes["reconstruct_blocks"]["notes"]
+    assert passes["reconstruct_blocks"]["modified"] and re.match(r"[1-9]\d* blocks in", notes[0]), notes
+    assert "kept the scale search's quantizers: the torch executor has no LSTM" in notes[1], notes
     feeds = {"x": HELD_OUT[:1]}
     assert sqnr_db(run_ort(model, feeds)[0], run_ort(quantized, feeds)[0]) > 20.0   # measured 44.7 dB

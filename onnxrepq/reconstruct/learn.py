@@ -13,6 +13,10 @@ few adjacent weight layers (``partition``). Block by block, in topological order
    block's outputs and the targets, plus AdaRound's rounding regulariser;
 4. the hard result is written into the graph's constants and the block is run once more on every
    calibration feed to give later blocks their inputs.
+A block holding an op the torch executor lacks (an LSTM, a custom-domain op) is not learned: its
+quantizers keep the scale search's values and onnxruntime runs it (Q/DQ unfused, the same
+arithmetic) to give the blocks after it their inputs, so one exotic op does not cost the whole
+model its reconstruction.
 With ``stage_supervision`` (RepAPQ) a stage's continuous parameters (QPR affine, activation steps;
 the integers stay as learned) are then fine-tuned together on the stage outputs.
 The float targets are computed one stage at a time, so memory holds one stage's boundary tensors.
@@ -34,7 +38,8 @@ from ..config import ReconstructionConfig
 from ..passes.base import PassResult
 from ..progress import Progress
 from ..search.quant_grid import IntGrid
-from .executor import GraphModule
+from .executor import GraphModule, select_nodes
+from .ops import missing_ops
 from .partition import partition
 from .quantizers import BlockQuantizers
 
@@ -79,6 +84,7 @@ class ReconstructBlocks:
         self.seed = seed
         self.progress = progress
         self.reports: list[BlockReport] = []
+        self.unlearned: dict[str, list[str]] = {}   # block -> the op types torch could not run
 
     def __call__(self, graph: gs.Graph) -> PassResult:
         config = self.config
@@ -93,12 +99,18 @@ class ReconstructBlocks:
                 targets = floats.run(self.feeds, {n for names in wanted for n in names})
                 frozen_before = set(frozen)
                 for block in stage.blocks:
+                    missing = missing_ops(select_nodes(graph, block.inputs, block.outputs))
+                    if missing:
+                        self.unlearned[block.name] = missing
+                        cache.update(_run_in_onnxruntime(graph, block.inputs, block.outputs, cache))
+                        continue
                     quantizers, report = self._learn(graph, block.name, block.inputs, block.outputs, cache,
                                                      targets, frozen, generator, config.iterations, adaround=True)
                     frozen.update(quantizers.write_back())
                     self.reports.append(BlockReport(block.name, len(block.weight_layers), *report))
                     cache.update(_run_written_back(graph, block.inputs, block.outputs, cache))
-                if config.stage_supervision and len(stage.blocks) > 1 and config.stage_iterations:
+                learnable = not any(block.name in self.unlearned for block in stage.blocks)
+                if config.stage_supervision and len(stage.blocks) > 1 and config.stage_iterations and learnable:
                     quantizers, _ = self._learn(graph, stage.name, stage.inputs, stage.outputs, cache, targets,
                                                 frozen_before, generator, config.stage_iterations, adaround=False)
                     frozen.update(quantizers.write_back())
@@ -110,6 +122,10 @@ class ReconstructBlocks:
         after = np.nanmean([r.learned_loss for r in self.reports]) if self.reports else 0.0
         notes = [f"{len(self.reports)} blocks in {len(stages)} stages; mean relative block loss"
                  f" {before:.4g} with nearest rounding -> {after:.4g} learned"]
+        if self.unlearned:
+            ops = sorted({op for missing in self.unlearned.values() for op in missing})
+            notes.append(f"{len(self.unlearned)} blocks kept the scale search's quantizers: the torch executor"
+                         f" has no {', '.join(ops)}")
         return PassResult(graph, bool(self.reports), notes)
 
     def _learn(self, graph, name, inputs, outputs, cache: Values, targets: Values, frozen, generator,
@@ -261,6 +277,48 @@ def _run_written_back(graph: gs.Graph, inputs: Sequence[str], outputs: Sequence[
             for name in outputs:
                 results[name].append(values[name].numpy())
     return results
+
+
+def _run_in_onnxruntime(graph: gs.Graph, inputs: Sequence[str], outputs: Sequence[str], cache: Values) -> Values:
+    """Outputs of the block as the graph now stands, computed by onnxruntime from the cached inputs.
+
+    Graph optimisation is off so that every QuantizeLinear/DequantizeLinear runs as written: the
+    values are the simulation's, as the torch executor would give them, not those of fused kernels.
+    """
+    block = graph.copy()
+    tensors = block.tensors()
+    types = {name: _stored_type(tensors[name]) or cache[name][0].dtype for name in inputs}
+    integer = {name for name in outputs if _stored_type(tensors[name]) is not None}
+    for name in inputs:
+        tensors[name].dtype, tensors[name].shape = types[name], None
+    block.inputs = [tensors[name] for name in inputs]
+    block.outputs = [tensors[name] for name in outputs]
+    model = gs.export_onnx(block.cleanup(), do_type_check=False)   # outputs may be untyped; onnxruntime infers them
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    results: Values = {name: [] for name in outputs}
+    for index in range(len(next(iter(cache.values())))):
+        values = session.run(list(outputs), {name: cache[name][index].astype(types[name], copy=False)
+                                             for name in inputs})
+        for name, value in zip(outputs, values):
+            value = np.asarray(value)
+            # the torch executor holds quantized tensors as float32 integers; so does the cache
+            results[name].append(value.astype(np.float32) if name in integer else value)
+    return results
+
+
+def _stored_type(tensor: gs.Tensor):
+    """The integer type of a quantized tensor (the cache holds it as float32), else None."""
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is not None and producer.op == "Clip" and producer.inputs:   # a narrow grid's integer Clip
+        return _stored_type(producer.inputs[0])
+    if producer is None or producer.op != "QuantizeLinear":
+        return None
+    zero_point = producer.inputs[2] if len(producer.inputs) > 2 else None
+    if zero_point is None or zero_point.dtype is None or isinstance(zero_point.dtype, int):
+        return np.dtype(np.uint8) if zero_point is None else None
+    return np.dtype(zero_point.dtype)
 
 
 class _FloatModel:

@@ -208,3 +208,20 @@ def test_each_layer_learns_on_its_own_grid(tiny):
     assert np.abs(recorder.integers[weight.name]).max() <= 3
     assert all(grid.qmax > 3 for name, grid in recorder.grids.items() if name != weight.name)
     assert max(np.abs(v).max() for name, v in recorder.integers.items() if name != weight.name) > 3
+
+
+def test_onnxruntime_runs_a_block_as_the_torch_executor_does(learned):
+    """A block torch cannot run (an LSTM) is run by onnxruntime to feed the blocks after it: same numbers,
+    integer block inputs and outputs included (the cache holds them as float32 integers)."""
+    graph = learned[2].copy()
+    blocks = [b for stage in partition(graph, max_layers_per_block=2) for b in stage.blocks]
+    first = learn._run_written_back(graph, blocks[0].inputs, blocks[0].outputs, {"x": list(HELD_OUT["x"][:4, None])})
+    block = blocks[1]
+    cache = {name: first[name] if name in first else list(HELD_OUT["x"][:4, None]) for name in block.inputs}
+    assert any(learn._stored_type(graph.tensors()[name]) == np.uint8 for name in block.inputs), block.inputs
+    expected = learn._run_written_back(graph, block.inputs, block.outputs, cache)
+    actual = learn._run_in_onnxruntime(graph, block.inputs, block.outputs, cache)
+    for name in block.outputs:
+        assert actual[name][0].dtype == expected[name][0].dtype, name
+        for got, want in zip(actual[name], expected[name]):
+            assert relative_error(got, want) < 1e-5, name
