@@ -161,3 +161,26 @@ def test_narrow_activation_probe_holds_the_grid_and_changes_nothing_else():
                                                             None))
     levels = run_ort(probe, feeds, optimize=False)[-1]
     assert len(np.unique(levels)) <= 64 and levels.max() <= 63
+
+
+def test_time_first_agreement_splits_concatenated_lines():
+    """ddddocr's [T, 1, classes] outputs arrive concatenated on axis 0; each T-step run is one line."""
+    def line(path):
+        return np.eye(4, dtype=np.float32)[path][:, None, :]  # [T, 1, classes]
+
+    assert tasks.ctc_greedy_classes(line([1, 1, 0, 1, 2, 2])[:, 0]) == (1, 1, 2)
+    reference = np.concatenate([line([1, 1, 0, 1]), line([2, 0, 3, 3]), line([0, 0, 0, 0])])
+    # line 0: same reading by another path; line 1: reads (2, 3, 1); line 2: still empty
+    outputs = np.concatenate([line([1, 0, 1, 1]), line([2, 3, 3, 1]), line([0, 0, 0, 0])])
+    assert tasks.time_first_agreement(outputs, reference, 3) == pytest.approx(2 / 3)
+    assert tasks.time_first_agreement(reference, reference, 3) == 1.0
+
+
+def test_lstm_rec_task_feeds_grey_lines():
+    if tasks.ddddocr_model() is None:
+        pytest.skip("ddddocr not installed (pip install --no-deps ddddocr==1.6.1); CI does not install it")
+    task = tasks.lstm_rec_task(tasks.Sizes(lstm_eval=3, lstm_calib=2))
+    (calibration,), (eval_lines,) = task.calibration.values(), task.eval_inputs.values()
+    assert calibration.shape == (2, 1, 64, 427) and eval_lines.shape == (3, 1, 64, 427)
+    assert eval_lines.dtype == np.float32 and eval_lines.min() >= 0.0 and eval_lines.max() <= 1.0
+    assert task.name == "ddddocr-rec" and task.batch_size == 1

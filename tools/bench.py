@@ -26,7 +26,7 @@ from tools.bench_lib import methods, metrics, report, runtime, tasks  # noqa: E4
 from tools.bench_lib.calib_files import write_calibration  # noqa: E402
 
 QUICK_SIZES = tasks.Sizes(rec_eval=60, rec_calib=16, cls_eval=60, cls_calib=16, det_eval=8, det_calib=8,
-                          det_size=320, zoo_eval=500)
+                          det_size=320, zoo_eval=500, lstm_eval=60, lstm_calib=16)
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
@@ -67,6 +67,9 @@ def build_tasks(arguments, sizes: tasks.Sizes) -> tuple[list[tasks.Task], list[s
     ocr = [make(sizes) for make in (tasks.det_task, tasks.rec_task, tasks.cls_task)]
     if any(task is None for task in ocr):
         notes.append("rapidocr_onnxruntime (PP-OCR models) not installed: OCR models skipped")
+    ocr.append(tasks.lstm_rec_task(sizes))
+    if ocr[-1] is None:
+        notes.append("ddddocr (pip install --no-deps ddddocr==1.6.1) not installed: its LSTM recognizer skipped")
     zoo, zoo_note = tasks.zoo_tasks(methods.REPO_ROOT, sizes)
     if zoo_note:
         notes.append(f"zoo skipped: {zoo_note}")

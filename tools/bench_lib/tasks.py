@@ -1,7 +1,7 @@
 """What the bench measures per model: its calibration and held-out inputs and how outputs are scored.
 
-Three PP-OCR models use synthetic data from tools.ocr_data; zoo models (models/<name>/) bring their own
-calib.npy and are scored on tools.zoo.data.make_split("test").
+Three PP-OCR models and ddddocr's LSTM recognizer use synthetic data from tools.ocr_data; zoo models
+(models/<name>/) bring their own calib.npy and are scored on tools.zoo.data.make_split("test").
 """
 import glob
 import importlib.util
@@ -11,11 +11,13 @@ from typing import Callable
 
 import numpy as np
 import onnx
+import torch
 
 from tools import ocr_data
 from tools.bench_lib import metrics
 
 DET_THRESHOLD = 0.3  # PaddleOCR's det_db_thresh
+LSTM_HEIGHT, LSTM_WIDTH = 64, 427  # ddddocr scales lines to height 64; 427 keeps the 320/48 aspect of rec's lines
 
 
 @dataclass
@@ -33,6 +35,8 @@ class Sizes:
     det_eval: int = 40
     det_calib: int = 32
     det_size: int = 480
+    lstm_eval: int = 200
+    lstm_calib: int = 64
     zoo_eval: int | None = None  # None = the whole test split
 
 
@@ -54,6 +58,15 @@ def rapidocr_model(file_name: str) -> str | None:
     if spec is None:
         return None
     path = os.path.join(os.path.dirname(spec.origin), "models", file_name)
+    return path if os.path.exists(path) else None
+
+
+def ddddocr_model() -> str | None:
+    """ddddocr's text recognizer, found without importing the package (it needs cv2)."""
+    spec = importlib.util.find_spec("ddddocr")
+    if spec is None:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), "common.onnx")
     return path if os.path.exists(path) else None
 
 
@@ -80,6 +93,46 @@ def rec_task(sizes: Sizes) -> Task | None:
                 "cer": metrics.character_error_rate(predictions, labels)}
 
     return single_input_task("ppocrv4-rec", path, calib_images, eval_images, score, "exact_match")
+
+
+def grey_lines(images: np.ndarray) -> np.ndarray:
+    """rec's [-1, 1] RGB lines as ddddocr feeds its model: grey in [0, 1], LSTM_HEIGHT x LSTM_WIDTH."""
+    grey = torch.from_numpy((images * 0.5 + 0.5).mean(axis=1, keepdims=True))
+    resized = torch.nn.functional.interpolate(grey, size=(LSTM_HEIGHT, LSTM_WIDTH), mode="bilinear",
+                                              align_corners=False)
+    return resized.numpy().clip(0.0, 1.0).astype(np.float32)
+
+
+def ctc_greedy_classes(logits: np.ndarray) -> tuple[int, ...]:
+    """Best class per time step, repeats collapsed, blank (class 0) dropped: a reading without a charset."""
+    best = np.argmax(logits, axis=-1)
+    keep = np.ones(len(best), dtype=bool)
+    keep[1:] = best[1:] != best[:-1]
+    return tuple(int(c) for c in best[keep] if c != 0)
+
+
+def time_first_agreement(outputs: np.ndarray, reference: np.ndarray, count: int) -> float:
+    """Share of lines read the same as FP32 reads them.
+
+    The model's output is [T, 1, classes] per line and the bench concatenates lines on axis 0, so the
+    [count * T, 1, classes] array splits into `count` equal runs of time steps."""
+    lines, fp32_lines = (np.reshape(a, (count, -1, a.shape[-1])) for a in (outputs, reference))
+    return float(np.mean([ctc_greedy_classes(o) == ctc_greedy_classes(r) for o, r in zip(lines, fp32_lines)]))
+
+
+def lstm_rec_task(sizes: Sizes) -> Task | None:
+    """ddddocr's labels index its own charset, which we do not map, so it is scored against FP32's reading."""
+    path = ddddocr_model()
+    if path is None:
+        return None
+    eval_lines = grey_lines(ocr_data.rec_split("eval", sizes.lstm_eval)[0])
+    calib_lines = grey_lines(ocr_data.rec_split("calib", sizes.lstm_calib)[0])
+
+    def score(outputs, reference):
+        return {"agree_fp32": time_first_agreement(outputs, reference, len(eval_lines))}
+
+    # batch 1: the export fixes the batch dimension of input1 to 1
+    return single_input_task("ddddocr-rec", path, calib_lines, eval_lines, score, "agree_fp32", batch_size=1)
 
 
 def cls_task(sizes: Sizes) -> Task | None:
