@@ -161,6 +161,8 @@ def update_cards(task_list: list[tasks.Task], results: dict) -> None:
 def main(argv=None) -> int:
     arguments = parse_arguments(argv)
     json_path = arguments.json or os.path.splitext(arguments.out)[0] + ".json"
+    for path in (arguments.out, json_path):   # now, not after the first model's half hour of measuring
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if arguments.from_json:
         return render_only(arguments.from_json, arguments.out, json_path)
     if arguments.update_cards and arguments.quick:
