@@ -298,12 +298,7 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
                                         *([EmitCodebookWeights(codebooks)] if codebooks else [])])
     timings["reconstruct_and_emit"] = time.perf_counter() - started
     records += emitted
-    for learner in reconstruct:
-        if learner.unlearned:
-            ops = sorted({op for missing in learner.unlearned.values() for op in missing})
-            notices.append(f"{len(learner.unlearned)} of {len(learner.unlearned) + len(learner.reports)} blocks were"
-                           f" not reconstructed: the torch executor has no {', '.join(ops)}; they keep the scale"
-                           " search's ranges and nearest rounding")
+    notices += [learner.unlearned_note() for learner in reconstruct if learner.unlearned]
     quantized = _export(graph)
     for store in store_int4:
         pack_int4_initializers(quantized, store.initializers)

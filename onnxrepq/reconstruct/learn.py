@@ -123,10 +123,16 @@ class ReconstructBlocks:
         notes = [f"{len(self.reports)} blocks in {len(stages)} stages; mean relative block loss"
                  f" {before:.4g} with nearest rounding -> {after:.4g} learned"]
         if self.unlearned:
-            ops = sorted({op for missing in self.unlearned.values() for op in missing})
-            notes.append(f"{len(self.unlearned)} blocks kept the scale search's quantizers: the torch executor"
-                         f" has no {', '.join(ops)}")
+            notes.append(self.unlearned_note())
         return PassResult(graph, bool(self.reports), notes)
+
+    def unlearned_note(self) -> str:
+        """What a user is told when some blocks could not be learned (empty when all were)."""
+        if not self.unlearned:
+            return ""
+        ops = sorted({op for missing in self.unlearned.values() for op in missing})
+        return (f"{len(self.unlearned)} of {len(self.unlearned) + len(self.reports)} blocks were not reconstructed:"
+                f" the torch executor has no {', '.join(ops)}; they keep the scale search's ranges and nearest rounding")
 
     def _learn(self, graph, name, inputs, outputs, cache: Values, targets: Values, frozen, generator,
                iterations: int, adaround: bool) -> tuple[BlockQuantizers, tuple[float, float]]:
