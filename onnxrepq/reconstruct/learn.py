@@ -127,9 +127,7 @@ class ReconstructBlocks:
         return PassResult(graph, bool(self.reports), notes)
 
     def unlearned_note(self) -> str:
-        """What a user is told when some blocks could not be learned (empty when all were)."""
-        if not self.unlearned:
-            return ""
+        """What a user is told when some blocks could not be learned (read only when ``unlearned``)."""
         ops = sorted({op for missing in self.unlearned.values() for op in missing})
         return (f"{len(self.unlearned)} of {len(self.unlearned) + len(self.reports)} blocks were not reconstructed:"
                 f" the torch executor has no {', '.join(ops)}; they keep the scale search's ranges and nearest rounding")
@@ -293,8 +291,8 @@ def _run_in_onnxruntime(graph: gs.Graph, inputs: Sequence[str], outputs: Sequenc
     """
     block = graph.copy()
     tensors = block.tensors()
-    types = {name: _stored_type(tensors[name]) or cache[name][0].dtype for name in inputs}
-    integer = {name for name in outputs if _stored_type(tensors[name]) is not None}
+    stored = {name: _stored_type(tensors[name]) for name in [*inputs, *outputs]}
+    types = {name: stored[name] or cache[name][0].dtype for name in inputs}
     for name in inputs:
         tensors[name].dtype, tensors[name].shape = types[name], None
     block.inputs = [tensors[name] for name in inputs]
@@ -310,7 +308,7 @@ def _run_in_onnxruntime(graph: gs.Graph, inputs: Sequence[str], outputs: Sequenc
         for name, value in zip(outputs, values):
             value = np.asarray(value)
             # the torch executor holds quantized tensors as float32 integers; so does the cache
-            results[name].append(value.astype(np.float32) if name in integer else value)
+            results[name].append(value.astype(np.float32) if stored[name] is not None else value)
     return results
 
 
@@ -322,9 +320,10 @@ def _stored_type(tensor: gs.Tensor):
     if producer is None or producer.op != "QuantizeLinear":
         return None
     zero_point = producer.inputs[2] if len(producer.inputs) > 2 else None
-    if zero_point is None or zero_point.dtype is None or isinstance(zero_point.dtype, int):
-        return np.dtype(np.uint8) if zero_point is None else None
-    return np.dtype(zero_point.dtype)
+    if zero_point is None:
+        return np.dtype(np.uint8)   # ONNX's default output type
+    # None where numpy has no such type (gs keeps an onnx enum for int4): the cache's own type is used
+    return None if zero_point.dtype is None or isinstance(zero_point.dtype, int) else np.dtype(zero_point.dtype)
 
 
 class _FloatModel:
