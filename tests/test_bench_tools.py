@@ -185,3 +185,12 @@ def test_grey_lines_are_what_ddddocr_feeds_its_recognizer():
     # a uniform image stays that grey: white (1 in rec's range) -> 1.0, mid grey (0) -> 0.5
     flat = tasks.grey_lines(np.stack([np.ones_like(images[0]), np.zeros_like(images[0])]))
     assert np.allclose(flat[0], 1.0) and np.allclose(flat[1], 0.5)
+
+
+def test_variant_changes_split_between_configs_and_refuse_unknown_fields():
+    from tools.variant import parse_changes
+    quant, rec = parse_changes(["bias_correction=True", "rec.loss='mse'", "rec.iterations=200"])
+    assert quant == {"bias_correction": True} and rec == {"loss": "mse", "iterations": 200}
+    for bad in (["rec.no_such_field=1"], ["seed=3"], ["rec.loss=mse"], ["iterations"]):
+        with pytest.raises(SystemExit):
+            parse_changes(bad)

@@ -75,6 +75,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval", type=int, default=1000, help="held-out test images scored")
     parser.add_argument("--iterations", type=int, default=ReconstructionConfig().iterations,
                         help="Adam steps per block (the default config's)")
+    parser.add_argument("--variants", default="", help="comma-separated variant names to run (default: all)")
     parser.add_argument("--jobs", type=int, default=1, help="models quantized in parallel processes")
     parser.add_argument("--out", default="ablations", help="folder for ablations.md and ablations.json")
     return parser.parse_args(argv)
@@ -124,7 +125,7 @@ def ablate_model(name: str, model_path: str, calibration: dict[str, np.ndarray],
     return rows
 
 
-def zoo_model_rows(name: str, eval_count: int, iterations: int) -> list[dict]:
+def zoo_model_rows(name: str, eval_count: int, iterations: int, settings: dict = SETTINGS) -> list[dict]:
     from tools.zoo.data import make_split
     images, labels = make_split("test", count=eval_count)
     folder = os.path.join(REPO_ROOT, "models", name)
@@ -132,7 +133,7 @@ def zoo_model_rows(name: str, eval_count: int, iterations: int) -> list[dict]:
     input_name = onnx.load(path, load_external_data=False).graph.input[0].name
     calibration = {input_name: np.load(os.path.join(folder, "calib.npy")).astype(np.float32)}
     return ablate_model(name, path, calibration, {input_name: np.asarray(images, np.float32)}, np.asarray(labels),
-                        iterations=iterations)
+                        settings=settings, iterations=iterations)
 
 
 def markdown(rows: list[dict], variants=VARIANTS) -> str:
@@ -160,18 +161,30 @@ def main(argv=None) -> int:
     unknown = [m for m in models if m not in ZOO]
     if unknown:
         raise SystemExit(f"unknown zoo models: {', '.join(unknown)}; choose from {', '.join(ZOO)}")
+    settings = chosen_settings(arguments.variants)
     os.makedirs(arguments.out, exist_ok=True)
     started = time.perf_counter()
     command = "python tools/ablate_reconstruction.py " + " ".join(argv if argv is not None else sys.argv[1:])
     done: dict[str, list[dict]] = {}
     with ProcessPoolExecutor(max(1, arguments.jobs)) as pool:
-        futures = {pool.submit(zoo_model_rows, m, arguments.eval, arguments.iterations): m for m in models}
+        futures = {pool.submit(zoo_model_rows, m, arguments.eval, arguments.iterations, settings): m for m in models}
         for future in as_completed(futures):   # written after each model, so a cut-short run keeps its rows
             done[futures[future]] = future.result()
             rows = [row for m in models for row in done.get(m, [])]
             table = write_outputs(rows, arguments, command.strip(), time.perf_counter() - started)
     print(table)
     return 0
+
+
+def chosen_settings(variants: str) -> dict:
+    """SETTINGS restricted to the named variants; an unknown name is refused."""
+    wanted = [v for v in variants.split(",") if v]
+    unknown = sorted(set(wanted) - {v.name for v in VARIANTS})
+    if unknown:
+        raise SystemExit(f"unknown variants: {', '.join(unknown)}; choose from {', '.join(v.name for v in VARIANTS)}")
+    if not wanted:
+        return SETTINGS
+    return {bits: [n for n in names if n in wanted] for bits, names in SETTINGS.items() if set(names) & set(wanted)}
 
 
 def write_outputs(rows: list[dict], arguments, command: str, seconds: float) -> str:
