@@ -194,3 +194,10 @@ def test_variant_changes_split_between_configs_and_refuse_unknown_fields():
     for bad in (["rec.no_such_field=1"], ["seed=3"], ["rec.loss=mse"], ["iterations"]):
         with pytest.raises(SystemExit):
             parse_changes(bad)
+
+
+def test_variant_takes_field_changes_after_the_options():
+    from tools.variant import parse_arguments
+    args = parse_arguments(["ddddocr", "qdrop", "--seed", "1", "--out", "rows.jsonl", "rec.qdrop=0.5", "rec.iterations=50"])
+    assert (args.task, args.name, args.seed, args.out) == ("ddddocr", "qdrop", 1, "rows.jsonl")
+    assert args.changes == ["rec.qdrop=0.5", "rec.iterations=50"]

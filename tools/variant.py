@@ -65,7 +65,7 @@ def run_model(model, task) -> np.ndarray:
     return np.concatenate([session.run(None, {name: inputs[i:i + step]})[0] for i in range(0, len(inputs), step)])
 
 
-def main(argv=None) -> int:
+def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("task", choices=sorted(TASKS))
     parser.add_argument("name")
@@ -73,7 +73,11 @@ def main(argv=None) -> int:
     parser.add_argument("--calib", type=int, default=None, help="calibration samples (default: the bench's)")
     parser.add_argument("--out", default="variants.jsonl")
     parser.add_argument("changes", nargs="*", metavar="FIELD=VALUE")
-    args = parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)   # FIELD=VALUE may follow --seed and --out
+
+
+def main(argv=None) -> int:
+    args = parse_arguments(argv)
     quant, rec = parse_changes(args.changes)
     sizes = tasks.Sizes()
     if args.calib:
