@@ -8,7 +8,7 @@ with the same seed and is scored on the same held-out images (the first --eval o
 top-1, output SQNR against the float model's logits, and the seconds quantize took. The variants
 (VARIANTS below) change one ReconstructionConfig field from the defaults; "fast" is the scale-search-only
 recipe they are measured against. All run at W8A8 and W4A8 (weight_bits=4: 8-bit weights leave little for
-learned rounding to fix); base and fast also at W6A6. Writes DIR/ablations.md (the table) and
+learned rounding to fix); base, affine and fast also at W6A6. Writes DIR/ablations.md (the table) and
 DIR/ablations.json (the rows).
 
 Granularity, as partition() cuts the zoo's fused (plain-chain) graphs: a block holds at most
@@ -54,9 +54,9 @@ class Variant:
 
 VARIANTS = (
     Variant("fast", "scale search only, no reconstruction (reference)", fast=True),
-    Variant("base", "defaults: MAE loss, QPR affine, AdaRound, block-only, <= 2 layers per block"),
+    Variant("base", "defaults: MAE loss, AdaRound, learned steps, no QPR affine, block-only, <= 2 layers per block"),
     Variant("mse", "loss = MSE", {"loss": "mse"}),
-    Variant("no-affine", "affine = False (no QPR per-channel gamma/beta)", {"affine": False}),
+    Variant("affine", "affine = True (the QPR per-channel gamma/beta learned too)", {"affine": True}),
     Variant("stage", "stage_supervision = True (blocks, then each stage's continuous parameters)",
             {"stage_supervision": True}),
     Variant("nearest", "rounding = nearest (no AdaRound; steps and affine still learned)", {"rounding": "nearest"}),
@@ -66,7 +66,7 @@ VARIANTS = (
             {"max_layers_per_block": 4}),
 )
 # (weight bits, activation bits) -> the variants run there
-SETTINGS = {(8, 8): [v.name for v in VARIANTS], (4, 8): [v.name for v in VARIANTS], (6, 6): ["fast", "base"]}
+SETTINGS = {(8, 8): [v.name for v in VARIANTS], (4, 8): [v.name for v in VARIANTS], (6, 6): ["fast", "base", "affine"]}
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:

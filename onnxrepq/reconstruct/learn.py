@@ -65,7 +65,7 @@ class BlockReport:
 
 
 class ReconstructBlocks:
-    """Learn weight rounding, activation steps and the QPR affine block by block; write them back.
+    """Learn weight rounding, activation steps (and the QPR affine, when configured) block by block; write them back.
 
     Leaves alone: weights without a Q/DQ pair, activations whose scale group was fixed by an
     earlier block, blocks with no float-comparable output (they keep nearest rounding).

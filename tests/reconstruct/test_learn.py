@@ -83,7 +83,8 @@ class _Recorder:
 
 
 def _config(**reconstruction) -> QuantConfig:
-    options = {"iterations": ITERATIONS, **reconstruction}
+    # the QPR affine on (off by default): writing back its gamma and beta is the strictest case
+    options = {"iterations": ITERATIONS, "affine": True, **reconstruction}
     return QuantConfig(weight_bits=4, fast=False, reconstruction=ReconstructionConfig(**options))
 
 
