@@ -27,11 +27,10 @@ if __package__ in (None, ""):  # run as a script: make `tools` importable from t
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 
 from onnxrepq.api import quantize_with_result  # noqa: E402
 from onnxrepq.config import QuantConfig, ReconstructionConfig  # noqa: E402
-from tools.bench_lib import metrics, tasks  # noqa: E402
+from tools.bench_lib import metrics, runtime, tasks  # noqa: E402
 
 TASKS = {"rec": tasks.rec_task, "cls": tasks.cls_task, "det": tasks.det_task, "ddddocr": tasks.lstm_rec_task}
 
@@ -57,12 +56,9 @@ def parse_changes(pairs: list[str]) -> tuple[dict, dict]:
 
 
 def run_model(model, task) -> np.ndarray:
-    """The task's first output over its evaluation inputs, in the task's batches."""
+    """The task's first output over its evaluation inputs, in the bench's session settings and batches."""
     source = model if isinstance(model, str) else model.SerializeToString()
-    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-    (name, inputs), = task.eval_inputs.items()
-    step = task.batch_size
-    return np.concatenate([session.run(None, {name: inputs[i:i + step]})[0] for i in range(0, len(inputs), step)])
+    return runtime.run_batches(runtime.make_session(source), task.eval_inputs, task.batch_size)
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
