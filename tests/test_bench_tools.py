@@ -201,3 +201,17 @@ def test_variant_takes_field_changes_after_the_options():
     args = parse_arguments(["ddddocr", "qdrop", "--seed", "1", "--out", "rows.jsonl", "rec.qdrop=0.5", "rec.iterations=50"])
     assert (args.task, args.name, args.seed, args.out) == ("ddddocr", "qdrop", 1, "rows.jsonl")
     assert args.changes == ["rec.qdrop=0.5", "rec.iterations=50"]
+
+
+def test_ablate_reconstruction_variants_pick_columns():
+    from tools import ablate_reconstruction as ablate
+    assert ablate.chosen_settings("") == ablate.SETTINGS
+    assert ablate.chosen_settings("base,affine") == {(8, 8): ["base", "affine"], (4, 8): ["base", "affine"],
+                                                     (6, 6): ["base", "affine"]}
+    assert ablate.chosen_settings("mse") == {(8, 8): ["mse"], (4, 8): ["mse"]}
+    with pytest.raises(SystemExit, match="unknown variants: joint"):
+        ablate.chosen_settings("joint")
+    # every variant's changes are fields the config takes, with values it accepts (as a recipe file checks them)
+    from onnxrepq.config import config_from_dict
+    for variant in ablate.VARIANTS:
+        config_from_dict(variant.changes, ablate.ReconstructionConfig)

@@ -100,14 +100,20 @@ def _best(candidates, centers, counts, power, grid, symmetric):
 
 
 def weight_scales(weight: np.ndarray, axis: int, method: str, grid: IntGrid) -> np.ndarray:
-    """Per-channel symmetric scales along ``axis``; error-minimising methods clip per channel."""
+    """Per-channel symmetric scales along ``axis``; error-minimising methods clip per channel.
+
+    An all-zero channel (pruned) quantizes to 0 at any step; it gets the median step of the
+    layer's other channels, not a vanishing one: its bias is stored at input x weight step, and a
+    step of 1e-10 pushed PP-OCRv4 rec's biases past int32 (and underflows a half-precision scale).
+    """
     moved = np.moveaxis(np.asarray(weight, np.float64), axis, 0)
     rows = moved.reshape(moved.shape[0], -1)
     reach = np.abs(rows).max(axis=1)
-    reach = np.where(reach > 0, reach, 1e-8)
+    live = reach > 0
+    reach = np.where(live, reach, 1.0)
     if method in ("minmax", "percentile"):
         # Percentile is an activation idea; weights are few and exact, so their full range is kept.
-        return (reach / grid.qmax).astype(np.float32)
+        return _dead_channels_at_median(reach / grid.qmax, live)
     power = _power(method)
     best_scale = reach / grid.qmax
     best_error = np.full(rows.shape[0], np.inf)
@@ -117,4 +123,9 @@ def weight_scales(weight: np.ndarray, axis: int, method: str, grid: IntGrid) -> 
         better = error < best_error
         best_error = np.where(better, error, best_error)
         best_scale = np.where(better, scale[:, 0], best_scale)
-    return best_scale.astype(np.float32)
+    return _dead_channels_at_median(best_scale, live)
+
+
+def _dead_channels_at_median(scales: np.ndarray, live: np.ndarray) -> np.ndarray:
+    fill = float(np.median(scales[live])) if live.any() else 1.0
+    return np.where(live, scales, fill).astype(np.float32)
