@@ -55,8 +55,8 @@ class ReconstructionConfig:
     # default, measured (BENCHMARKS.md): on PP-OCRv4 rec over seeds 0/1 it cost 0.9 dB and 2.4 points
     # of exact match and made the seed spread 2.0 dB instead of 0.4; on ddddocr's recognizer 23.50 /
     # 23.44 dB without it against 21.67 / 23.25 with it; the zoo within noise either way; PP-OCRv4
-    # det the one loser, 0.6 dB at both seeds. beta is learned in absolute units, so Adam moves a
-    # channel's bias by about affine_lr per step however small its outputs: 64 samples fit noise.
+    # det the one loser, 0.6 dB at both seeds. Both the gain and the losses are gamma's: gamma alone
+    # keeps det's 0.6 dB and costs rec up to 4 dB; a held-out guard per block does not catch it.
     affine: bool = False
     stage_supervision: bool = False
     stage_iterations: int = 50
