@@ -149,6 +149,7 @@ class ReconstructBlocks:
         with torch.no_grad():
             nearest = evaluate()
         batch_size = _step_batch(config, [cache[name][0] for name in inputs if name in cache])
+        iterations = _step_count(config, iterations, batch_size)
         groups = quantizers.parameter_groups(config.weight_lr, config.scale_lr, config.affine_lr)
         if groups and iterations:
             optimizer = torch.optim.Adam(groups)
@@ -179,6 +180,13 @@ def _step_batch(config, first_feed_inputs: Sequence[np.ndarray]) -> int:
     """Feeds per step: ``batch_size``, fewer where one feed's block inputs are large."""
     per_feed = max(1, sum(int(np.asarray(value).size) for value in first_feed_inputs))
     return max(1, min(config.batch_size, config.max_step_elements // per_feed))
+
+
+def _step_count(config, iterations: int, batch_size: int) -> int:
+    """More steps for a block whose feeds per step were capped: the gradient noise of a small batch
+    needs them, and such blocks are the few on large feature maps."""
+    scale = min(config.capped_step_scale, -(-config.batch_size // batch_size))
+    return iterations * max(1, scale)
 
 
 def _comparable(graph: gs.Graph, outputs: Sequence[str]) -> list[str]:

@@ -194,6 +194,17 @@ def test_large_block_inputs_take_fewer_feeds_per_step():
     assert _step_batch(ReconstructionConfig(max_step_elements=1), large) == 1
 
 
+def test_capped_blocks_take_more_steps():
+    from onnxrepq.reconstruct.learn import _step_count
+
+    config = ReconstructionConfig(batch_size=8, capped_step_scale=2)
+    assert _step_count(config, 100, 8) == 100          # uncapped: rec, cls, the zoo
+    assert _step_count(config, 100, 2) == 200          # det's large blocks, up to the scale
+    assert _step_count(config, 100, 5) == 200
+    assert _step_count(ReconstructionConfig(batch_size=8, capped_step_scale=1), 100, 1) == 100
+    assert _step_count(config, 0, 2) == 0
+
+
 def test_each_layer_learns_on_its_own_grid(tiny):
     """Mixed widths (overrides, mixed precision): AdaRound's integers must stay on each layer's grid."""
     second = inspect(tiny).quantizable[1][0]
