@@ -42,7 +42,8 @@ class ReconstructionConfig:
     batch_size: int = 8              # calibration feeds per step
     # Cap on the block-input elements one step reads: blocks on large feature maps (a detector at
     # 480x480) take fewer feeds per step, so their cost stays near that of small inputs. Counted,
-    # not timed, so the result stays deterministic. PP-OCRv4 rec, cls and the zoo stay far below it.
+    # not timed, so the result stays deterministic. cls and the zoo stay far below it; rec's softmax
+    # input and ddddocr's first blocks just pass it (265k and 443k elements a feed at batch 8).
     max_step_elements: int = 1 << 21
     # A block held to fewer feeds per step takes up to this many times the steps, so it sees about as
     # many feeds as the others. Measured at 2 (BENCHMARKS.md): PP-OCRv4 det +0.44 / +0.15 dB (seeds

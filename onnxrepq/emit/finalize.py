@@ -11,6 +11,8 @@ import onnx_graphsurgeon as gs
 from ..graph.patterns import constant_value, producer
 from ..passes.base import PassResult
 
+_INT32_MAX = 2 ** 31 - 1
+
 
 class FoldWeightQuantizers:
     """Replace ``QuantizeLinear(constant)`` by its integer result."""
@@ -56,7 +58,6 @@ class QuantizeBias:
     """
 
     name = "quantize_bias"
-    LIMIT = 2 ** 31 - 1
 
     def __call__(self, graph: gs.Graph) -> PassResult:
         done, kept_float = 0, []
@@ -72,7 +73,7 @@ class QuantizeBias:
                 continue
             scale = np.broadcast_to((input_scale.astype(np.float64) * weight_scale.astype(np.float64)).reshape(-1),
                                     bias.shape)
-            overflow = np.abs(np.rint(bias / scale)) > self.LIMIT
+            overflow = np.abs(np.rint(bias / scale)) > _INT32_MAX
             if overflow.any():
                 scale = _widen_weight_steps(node, overflow, bias, input_scale)
                 if scale is None:
@@ -113,15 +114,15 @@ def _widen_weight_steps(node: gs.Node, overflow: np.ndarray, bias: np.ndarray, i
     # 2^30: the bias lands near half the int32 reach, so the accumulator's sum stays inside it
     step = np.where(overflow, np.maximum(old, np.abs(bias) / (float(input_scale.reshape(())) * 2.0 ** 30)), old)
     step = step.astype(np.float32)
+    scale = input_scale.astype(np.float64).reshape(()) * step.astype(np.float64)
+    if np.any(np.abs(np.rint(bias / scale)) > _INT32_MAX):
+        return None
     rows = np.moveaxis(integers, axis, 0).astype(np.float64)
     ratio = (old / step.astype(np.float64)).reshape((-1,) + (1,) * (rows.ndim - 1))
     rows = np.where(overflow.reshape(ratio.shape), np.rint(rows * ratio), rows)
     dequantize.inputs[0] = gs.Constant(f"{dequantize.name}_integers_widened",
                                        np.moveaxis(rows, 0, axis).astype(integers.dtype))
     dequantize.inputs[1] = gs.Constant(f"{dequantize.name}_scale_widened", step.reshape(weight_scale.shape))
-    scale = input_scale.astype(np.float64).reshape(()) * step.astype(np.float64)
-    if np.any(np.abs(np.rint(bias / scale)) > QuantizeBias.LIMIT):
-        return None
     return scale
 
 

@@ -198,7 +198,7 @@ def test_capped_blocks_take_more_steps():
     from onnxrepq.reconstruct.learn import _step_count
 
     config = ReconstructionConfig(batch_size=8, capped_step_scale=2)
-    assert _step_count(config, 100, 8) == 100          # uncapped: rec, cls, the zoo
+    assert _step_count(config, 100, 8) == 100          # uncapped: most blocks of every model here
     assert _step_count(config, 100, 2) == 200          # det's large blocks, up to the scale
     assert _step_count(config, 100, 5) == 200
     assert _step_count(ReconstructionConfig(batch_size=8, capped_step_scale=1), 100, 1) == 100
