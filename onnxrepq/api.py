@@ -243,7 +243,10 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
             f"weights {mixed.size_mb:.3f} MB nominal, {mixed.bitops_g:.3f} G bit operations per sample"
             + ("" if mixed.met_budget else " (budget not reached: every layer at the lowest width)"),
             "bits per layer: " + ", ".join(f"{b} x{n}" for b, n in sorted(
-                Counter(mixed.bits.values()).items(), reverse=True))]))
+                Counter(mixed.bits.values()).items(), reverse=True)),
+            f"relative output error on the calibration samples: {mixed.joint_error:.4g} with the chosen widths,"
+            f" {mixed.uniform_error:.4g} with all at {mixed.uniform_bits} bits"
+            + (f" (uniform {mixed.uniform_bits}-bit kept)" if mixed.kept_uniform else "")]))
         timings["mixed_precision"] = mixed.seconds
     weight_params, widths = {}, {}
     for slot in plan.weights:

@@ -1,6 +1,8 @@
 """Mixed precision: sensitivities measured in onnxruntime, a greedy search under a budget."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -90,3 +92,35 @@ def test_allocation_is_the_knapsack_optimum_where_greedy_is_not():
     errors = {l.node: l.errors[l.bits] for l in optimum.layers}
     greedy = _greedy(layers(), config, 8)
     assert sum(errors.values()) <= sum(l.errors[l.bits] for l in greedy.layers)
+
+
+def test_a_choice_worse_together_than_uniform_is_not_shipped(net, monkeypatch):
+    """Sensitivities add only to first order: where the chosen widths measure worse together than the
+    uniform width the budget allows, uniform is kept (here the allocation is forced to be bad)."""
+    from onnxrepq.search import mixed_precision
+
+    allocate = mixed_precision._allocate
+
+    def lowest_everywhere(layers, config, activation_bits):
+        result = allocate(layers, config, activation_bits)
+        for layer in result.layers:
+            layer.bits = min(config.candidates)
+        return result
+    monkeypatch.setattr(mixed_precision, "_allocate", lowest_everywhere)
+    model, calibration = net
+    result = quantize_with_result(model, calibration, QuantConfig(
+        fast=True, mixed_precision=MixedPrecisionConfig(budget_mean_bits=4.0, samples=8)))
+    assert {row["weight_bits"] for row in result.layers if "weight_bits" in row} == {4}
+    notes = next(record.notes for record in result.passes if record.name == "mixed_precision")
+    assert "uniform 4-bit kept" in notes[-1]
+    joint, uniform = (float(v) for v in re.findall(r"([\d.e+-]+) with", notes[-1]))
+    assert joint > uniform > 0
+
+
+def test_a_better_choice_is_kept_and_its_errors_reported(net):
+    model, calibration = net
+    result = quantize_with_result(model, calibration, QuantConfig(
+        fast=True, mixed_precision=MixedPrecisionConfig(budget_mean_bits=4.0, samples=8)))
+    notes = next(record.notes for record in result.passes if record.name == "mixed_precision")
+    joint, uniform = (float(v) for v in re.findall(r"([\d.e+-]+) with", notes[-1]))
+    assert joint < uniform and "kept" not in notes[-1]
