@@ -121,16 +121,16 @@ def choose_bit_widths(model: onnx.ModelProto, graph: gs.Graph, plan: QuantPlan, 
     result = _allocate(layers, config, activation_bits)
     uniform = _uniform_width(layers, config, activation_bits)
     chosen = {node.inputs[slot.input_index].name: layer.bits for layer, (slot, node) in zip(layers, slots)}
+    result.uniform_bits = uniform
     result.joint_error = _relative_error(reference, probe.run(samples, {
         name: quantize(name, bits) for name, bits in chosen.items()}))
-    result.uniform_error = _relative_error(reference, probe.run(samples, {name: quantize(name, uniform)
-                                                                          for name in weights}))
-    result.uniform_bits = uniform
+    result.uniform_error = result.joint_error if set(chosen.values()) == {uniform} else _relative_error(
+        reference, probe.run(samples, {name: quantize(name, uniform) for name in weights}))
     if result.joint_error > result.uniform_error and _fits(layers, config, activation_bits, uniform):
         for layer in layers:
             layer.bits = uniform
-        result = replace(result, size_mb=_totals(layers, activation_bits)[0], bitops_g=_totals(layers, activation_bits)[1],
-                         met_budget=True, kept_uniform=True)
+        size, bitops = _totals(layers, activation_bits)
+        result = replace(result, size_mb=size, bitops_g=bitops, met_budget=True, kept_uniform=True)
     return result
 
 
@@ -141,10 +141,14 @@ def _totals(layers: Sequence[LayerChoice], activation_bits: int, bits: Optional[
     return size, bitops
 
 
+def _over_budget(config: MixedPrecisionConfig, size: float, bitops: float, slack: float = 0.0) -> bool:
+    return (config.budget_size_mb is not None and size > config.budget_size_mb * (1 + slack)) or \
+        (config.budget_bitops_g is not None and bitops > config.budget_bitops_g * (1 + slack))
+
+
 def _fits(layers: Sequence[LayerChoice], config: MixedPrecisionConfig, activation_bits: int, bits: int) -> bool:
-    size, bitops = _totals(layers, activation_bits, bits)
-    return (config.budget_size_mb is None or size <= config.budget_size_mb * (1 + 1e-9)) and \
-        (config.budget_bitops_g is None or bitops <= config.budget_bitops_g * (1 + 1e-9))
+    """Whether every layer at ``bits`` keeps the budget (a budget of exactly uniform B bits fits B)."""
+    return not _over_budget(config, *_totals(layers, activation_bits, bits), slack=1e-9)
 
 
 def _uniform_width(layers: Sequence[LayerChoice], config: MixedPrecisionConfig, activation_bits: int) -> int:
@@ -154,7 +158,7 @@ def _uniform_width(layers: Sequence[LayerChoice], config: MixedPrecisionConfig, 
 
 
 def sensitivity_runs(plan: QuantPlan, config: MixedPrecisionConfig) -> int:
-    """How many probe runs choose_bit_widths makes, less the two final checks (for a progress bar)."""
+    """How many probe runs choose_bit_widths makes, less the one or two final checks (for a progress bar)."""
     return len(plan.weights) * len(set(config.candidates))
 
 
@@ -199,16 +203,8 @@ def _allocate(layers: list[LayerChoice], config: MixedPrecisionConfig, activatio
 
 def _greedy(layers: list[LayerChoice], config: MixedPrecisionConfig, activation_bits: int) -> MixedPrecisionResult:
     widths = sorted(set(config.candidates), reverse=True)
-
-    def totals() -> tuple[float, float]:
-        return _totals(layers, activation_bits)
-
-    def over(size: float, bitops: float) -> bool:
-        return (config.budget_size_mb is not None and size > config.budget_size_mb) or \
-            (config.budget_bitops_g is not None and bitops > config.budget_bitops_g)
-
-    size, bitops = totals()
-    while over(size, bitops):
+    size, bitops = _totals(layers, activation_bits)
+    while _over_budget(config, size, bitops):
         best, best_cost = None, np.inf
         for layer in layers:
             saved = (layer.params if config.budget_size_mb is not None else 0) + \
@@ -222,8 +218,8 @@ def _greedy(layers: list[LayerChoice], config: MixedPrecisionConfig, activation_
         if best is None:
             break
         best[0].bits = best[1]
-        size, bitops = totals()
-    return MixedPrecisionResult(layers, size, bitops, not over(size, bitops))
+        size, bitops = _totals(layers, activation_bits)
+    return MixedPrecisionResult(layers, size, bitops, not _over_budget(config, size, bitops))
 
 
 def _relative_error(reference: Sequence[np.ndarray], value: Sequence[np.ndarray]) -> float:
