@@ -45,6 +45,8 @@ from .reconstruct.learn import ReconstructBlocks
 from .search.criteria import activation_range, weight_scales
 from .search.mixed_precision import MixedPrecisionResult, choose_bit_widths, sensitivity_runs
 from .emit.saturation import pairs_overflow, reduced_weight_grid, resolve_weight_range
+from .emit.weight_pairs import KeepWeightPairs, is_depthwise, pair_limit_for
+from .search.weight_pairs import PairLimit
 from .search.quant_grid import IntGrid, activation_grid, affine_params, symmetric_params, weight_grid
 
 
@@ -226,17 +228,13 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
                              else affine_params(lo, hi, grid))
         activation_params[name] = ActivationQuant(scale, zero_point, grid)
     nodes = {node.name: node for node in graph.nodes}
-    reduce = resolve_weight_range(config.weight_range, rules.u8s8_pair_saturation)
+    weight_range = resolve_weight_range(config.weight_range, rules.u8s8_pair_saturation)
 
     def grid_for(bits: int) -> IntGrid:
         full = weight_grid(bits)
-        return reduced_weight_grid(grid, full) if reduce and pairs_overflow(grid, full) else full
+        return reduced_weight_grid(grid, full) if weight_range != "full" and pairs_overflow(grid, full) else full
 
     wgrid = grid_for(config.weight_bits)
-    if reduce and wgrid != weight_grid(config.weight_bits):
-        records.append(PassRecord("weight_range", True, [
-            f"weights held to [{wgrid.qmin}, {wgrid.qmax}] (weight range {config.weight_range}): u8 x s8 products"
-            " saturate int16 pairs in onnxruntime on x86 without VNNI"]))
     mixed = _mixed_precision(normalized, graph, plan, calibration_data, config, grid_for, progress)
     if mixed is not None:
         records.append(PassRecord("mixed_precision", True, [
@@ -248,15 +246,21 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
             f" {mixed.uniform_error:.4g} with all at {mixed.uniform_bits} bits"
             + (f" (uniform {mixed.uniform_bits}-bit kept)" if mixed.kept_uniform else "")]))
         timings["mixed_precision"] = mixed.seconds
-    weight_params, widths = {}, {}
+    weight_params, widths, paired = {}, {}, {}
     for slot in plan.weights:
         node = nodes[slot.node]
         settings = config.for_node(node.name, node.op)
         widths[slot.node] = mixed.bits[slot.node] if mixed is not None else settings.weight_bits
-        node_grid = grid_for(widths[slot.node])
+        node_grid, pairs = _layer_weight_grid(node, slot, grid_for(widths[slot.node]), widths[slot.node],
+                                              weight_range, grid)
+        if pairs is not None:
+            paired[slot.node] = (pairs, node_grid)
         weight_params[slot.node] = WeightQuant(
-            weight_scales(node.inputs[slot.input_index].values, slot.axis, settings.weight_scale_search, node_grid),
-            slot.axis, node_grid)
+            weight_scales(node.inputs[slot.input_index].values, slot.axis, settings.weight_scale_search, node_grid,
+                          pairs), slot.axis, node_grid)
+    range_note = _weight_range_note(weight_params, widths, paired, config.weight_range, weight_range)
+    if range_note:
+        records.append(PassRecord("weight_range", True, [range_note]))
     int4: dict[str, Int4Weight] = {}
     if config.fast and not config.clustered_weights:
         before = plan
@@ -294,8 +298,10 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
     correct = [CorrectBias(normalized, calibration_data, BiasCorrectionConfig(), config.seed, progress)
                ] if config.corrects_bias else []
     store_int4 = [StoreInt4Weights(int4)] if int4 else []
+    paired = {name: held for name, held in paired.items() if name not in int4 and name not in codebooks}
+    keep_pairs = [KeepWeightPairs(paired)] if paired else []
     constant_operands = [QuantizeConstantOperands(rules.int8_ops)] if rules.quantize_constant_operands else []
-    graph, emitted = run_passes(graph, [*clustering, *store_int4, insert, *constant_operands, *reconstruct, *correct,
+    graph, emitted = run_passes(graph, [*clustering, *store_int4, insert, *constant_operands, *reconstruct, *keep_pairs, *correct,
                                         DropRedundantClips(), FoldWeightQuantizers(),
                                         *([QuantizeBias()] if rules.int32_bias else []),
                                         *([EmitCodebookWeights(codebooks)] if codebooks else [])])
@@ -309,6 +315,39 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
                             _hash_calibration(calibration_data), notices, normalized, calibration_data)
     _write_metadata(result, config)
     return result
+
+
+def _layer_weight_grid(node: gs.Node, slot, reduced: IntGrid, bits: int, weight_range: str,
+                       activation: IntGrid) -> tuple[IntGrid, Optional[PairLimit]]:
+    """The grid one layer's weights get, and the pair limit that keeps it exact where one applies.
+
+    ``reduced`` is the grid ``weight_range`` gives every layer at ``bits``; where it is narrower than
+    the full grid only to keep int16 pairs clear, "paired" gives depthwise convs (summed in int32)
+    the full grid, and GEMM layers the full grid with the pair limit.
+    """
+    full = weight_grid(bits)
+    if weight_range != "paired" or reduced == full:
+        return reduced, None
+    if is_depthwise(node):
+        return full, None
+    pairs = pair_limit_for(node, slot.input_index, slot.axis, activation)
+    return (full, pairs) if pairs is not None else (reduced, None)
+
+
+def _weight_range_note(weight_params: dict, widths: dict, paired: dict, asked: str, weight_range: str) -> str:
+    """What the weight range did, or "" where every layer has its full grid."""
+    held = Counter((p.grid.qmin, p.grid.qmax) for name, p in weight_params.items()
+                   if p.grid != weight_grid(widths[name]))
+    if not held and not paired:
+        return ""
+    parts = []
+    if paired:
+        parts.append(f"{len(paired)} layers on the full 8-bit grid with same-sign adjacent weight pairs held to"
+                     f" |a| + |b| <= {next(iter(paired.values()))[0].limit}")
+    parts += [f"{count} layers held to [{lo}, {hi}]" for (lo, hi), count in sorted(held.items())]
+    label = asked if asked == weight_range else f"{asked}: {weight_range}"
+    return (f"weight range {label}: " + "; ".join(parts)
+            + ": u8 x s8 products saturate int16 pairs in onnxruntime on x86 without VNNI")
 
 
 def _mixed_precision(normalized, graph, plan, calibration_data, config: QuantConfig, grid_for, progress: bool

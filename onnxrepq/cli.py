@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="how per-channel weight scales are chosen (default mse)")
     quantize.add_argument("--target", choices=TARGETS, default=None, help="default ort-cpu")
     quantize.add_argument("--weight-range", choices=WEIGHT_RANGES, default=None,
-                          help="reduced: 8-bit weights held to [-63, 63] so onnxruntime CPUs without VNNI do not"
-                          " saturate; auto (default) reduces when this host lacks VNNI")
+                          help="reduced: 8-bit weights held to [-64, 64], paired: full 8-bit weights with"
+                          " same-sign adjacent pairs held to |a|+|b| <= 128, so onnxruntime CPUs without VNNI do"
+                          " not saturate; auto (default) reduces when this host lacks VNNI, else full")
     quantize.add_argument("--seed", type=int, default=None, help="default 0")
     quantize.add_argument("--fast", action="store_true", help="scale search only, no block reconstruction: minutes faster")
     quantize.add_argument("--clustered-weights", action="store_true",

@@ -18,11 +18,11 @@ from .search.mixed_precision import MixedPrecisionConfig
 
 ScaleSearch = Literal["mae", "mse", "minmax", "percentile"]
 Target = Literal["ort-cpu", "tensorrt"]
-WeightRange = Literal["auto", "full", "reduced"]
+WeightRange = Literal["auto", "full", "reduced", "paired"]
 
 SCALE_SEARCHES: tuple[str, ...] = ("mae", "mse", "minmax", "percentile")
 TARGETS: tuple[str, ...] = ("ort-cpu", "tensorrt")
-WEIGHT_RANGES: tuple[str, ...] = ("auto", "full", "reduced")
+WEIGHT_RANGES: tuple[str, ...] = ("auto", "full", "reduced", "paired")
 
 
 @dataclass(frozen=True)
@@ -128,10 +128,14 @@ class QuantConfig:
     weight_scale_search: ScaleSearch = "mse"
     percentile: float = 99.99
     target: Target = "ort-cpu"
-    # "reduced" holds 8-bit weights to [-64, 64] so onnxruntime's u8 x s8 kernels cannot saturate on
-    # x86 CPUs without VNNI (emit/saturation.py: 18.8 dB against 30.4 on one net); "auto" reduces
-    # when the target has that problem and this host lacks VNNI. Quantizing on a VNNI machine for
-    # AVX2 servers: say "reduced".
+    # onnxruntime's u8 x s8 kernels saturate int16 pairs on x86 CPUs without VNNI (emit/saturation.py:
+    # 18.8 dB against 30.4 on one net). "reduced" holds 8-bit weights to [-64, 64]; "paired" keeps the
+    # full grid and holds only same-sign adjacent pairs of the reduction axis to |a| + |b| <= 128
+    # (search/weight_pairs.py; depthwise convs, summed in int32, need nothing; layers whose order is
+    # not known fall back to reduced): PP-OCRv4 rec weight error 37.4 dB against 32.4 reduced, but
+    # model outputs no better (BENCHMARKS.md, session 11). "auto" reduces when the target has that
+    # problem and this host lacks VNNI, else "full". Quantizing on a VNNI machine for AVX2 servers:
+    # say "reduced" (or "paired").
     weight_range: WeightRange = "auto"
     seed: int = 0
     fuse_branches: bool = True

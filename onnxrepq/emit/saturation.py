@@ -6,7 +6,8 @@ and saturates: 255 * 127 * 2 = 64770 does not fit in 32767. The result is silent
 slow. Measured on an AMD EPYC (AVX2 only) with onnxruntime 1.32: a small mobile net whose QDQ
 graph reads 30.4 dB output SQNR unoptimized reads 18.8 dB once onnxruntime fuses it into
 QLinearConv; with 7-bit weights both read 28.1 dB. onnxruntime's own quantizer calls the remedy
-``reduce_range``; here it is the weight range: "reduced" keeps |q| * 255 * 2 within int16.
+``reduce_range``; here it is the weight range: "reduced" keeps |q| * 255 * 2 within int16, and
+"paired" (search/weight_pairs.py) keeps the full grid and limits only the pairs that add up.
 VNNI (``vpdpbusd``) accumulates in int32 and needs nothing of the sort, and neither do ARM's
 dot-product kernels or TensorRT.
 """
@@ -48,8 +49,11 @@ def reduced_weight_grid(activation: IntGrid, weight: IntGrid) -> IntGrid:
     return IntGrid(-reach, reach, weight.dtype)
 
 
-def resolve_weight_range(mode: str, target_saturates: bool) -> bool:
-    """Whether to reduce: "auto" asks the host, since the model usually runs where it is quantized."""
+def resolve_weight_range(mode: str, target_saturates: bool) -> str:
+    """"full", "reduced" or "paired" for a weight-range setting; "auto" asks the host, since the
+    model usually runs where it is quantized. It takes "reduced" where the host saturates: "paired"
+    gives the weights a bit back (+5 dB weight SQNR on PP-OCRv4 rec) but not the outputs (rec and
+    det within the seed noise with reconstruction, rec -3 dB with ``--fast``; BENCHMARKS.md)."""
     if mode == "auto":
-        return target_saturates and host_saturates_u8s8()
-    return mode == "reduced"
+        return "reduced" if target_saturates and host_saturates_u8s8() else "full"
+    return mode

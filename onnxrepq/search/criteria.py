@@ -11,11 +11,16 @@ import numpy as np
 
 from ..calibrate.histogram import StreamingHistogram
 from .quant_grid import IntGrid, affine_params, fake_quant, symmetric_params
+from .weight_pairs import PairLimit, keep_pairs
 
 # Candidate clipping fractions, geometric so that heavy clipping (outliers 50x the bulk) is
 # reachable while near-full ranges are still searched finely.
 _FRACTIONS = np.unique(np.concatenate([np.geomspace(0.01, 1.0, 80), np.linspace(0.5, 1.0, 51)]))
 _WEIGHT_FRACTIONS = np.linspace(0.3, 1.0, 71)
+# Under a pair limit (search/weight_pairs.py) a channel may also do better on less of the grid: at
+# 2.0 of its reach no pair can pass 128, which is the [-64, 64] grid's error at worst.
+_PAIRED_FRACTIONS = np.linspace(0.3, 2.0, 171)
+_PAIRED_FRACTIONS_UNCLIPPED = np.linspace(1.0, 2.0, 101)
 
 
 def _power(method: str) -> float:
@@ -99,27 +104,39 @@ def _best(candidates, centers, counts, power, grid, symmetric):
     return best
 
 
-def weight_scales(weight: np.ndarray, axis: int, method: str, grid: IntGrid) -> np.ndarray:
+def weight_scales(weight: np.ndarray, axis: int, method: str, grid: IntGrid,
+                  pairs: Optional[PairLimit] = None) -> np.ndarray:
     """Per-channel symmetric scales along ``axis``; error-minimising methods clip per channel.
 
     An all-zero channel (pruned) quantizes to 0 at any step; it gets the median step of the
     layer's other channels, not a vanishing one: its bias is stored at input x weight step, and a
     step of 1e-10 pushed PP-OCRv4 rec's biases past int32 (and underflows a half-precision scale).
+    Under ``pairs`` the error is the one after the pair limit, and steps up to twice the full-range
+    one are candidates; min-max and percentile then only widen (they never clip a weight).
     """
     moved = np.moveaxis(np.asarray(weight, np.float64), axis, 0)
     rows = moved.reshape(moved.shape[0], -1)
     reach = np.abs(rows).max(axis=1)
     live = reach > 0
     reach = np.where(live, reach, 1.0)
-    if method in ("minmax", "percentile"):
+    if method in ("minmax", "percentile") and pairs is None:
         # Percentile is an activation idea; weights are few and exact, so their full range is kept.
         return _dead_channels_at_median(reach / grid.qmax, live)
-    power = _power(method)
+    power = 2.0 if pairs is not None and method in ("minmax", "percentile") else _power(method)
+    fractions = _WEIGHT_FRACTIONS
+    if pairs is not None:
+        rows = pairs.to_pairs(rows)
+        fractions = _PAIRED_FRACTIONS_UNCLIPPED if method in ("minmax", "percentile") else _PAIRED_FRACTIONS
     best_scale = reach / grid.qmax
     best_error = np.full(rows.shape[0], np.inf)
-    for fraction in _WEIGHT_FRACTIONS:
+    for fraction in fractions:
         scale = (reach * fraction / grid.qmax)[:, None]
-        error = (np.abs(rows - fake_quant(rows, scale, 0, grid)) ** power).sum(axis=1)
+        if pairs is None:
+            quantized = fake_quant(rows, scale, 0, grid)
+        else:
+            steps = np.clip(rows / scale, grid.qmin, grid.qmax)
+            quantized = keep_pairs(steps, np.rint(steps), pairs.limit) * scale
+        error = (np.abs(rows - quantized) ** power).sum(axis=1)
         better = error < best_error
         best_error = np.where(better, error, best_error)
         best_scale = np.where(better, scale[:, 0], best_scale)

@@ -30,12 +30,13 @@ def test_pair_overflow_and_the_reduced_grid():
 
 def test_resolve_weight_range(monkeypatch):
     monkeypatch.setattr(saturation, "host_saturates_u8s8", lambda: True)
-    assert saturation.resolve_weight_range("auto", target_saturates=True)
-    assert not saturation.resolve_weight_range("auto", target_saturates=False)
+    assert saturation.resolve_weight_range("auto", target_saturates=True) == "reduced"
+    assert saturation.resolve_weight_range("auto", target_saturates=False) == "full"
     monkeypatch.setattr(saturation, "host_saturates_u8s8", lambda: False)
-    assert not saturation.resolve_weight_range("auto", target_saturates=True)
-    assert saturation.resolve_weight_range("reduced", target_saturates=False)
-    assert not saturation.resolve_weight_range("full", target_saturates=True)
+    assert saturation.resolve_weight_range("auto", target_saturates=True) == "full"
+    assert saturation.resolve_weight_range("reduced", target_saturates=False) == "reduced"
+    assert saturation.resolve_weight_range("paired", target_saturates=False) == "paired"
+    assert saturation.resolve_weight_range("full", target_saturates=True) == "full"
 
 
 def _run(model, feeds, optimize: bool):
@@ -46,7 +47,7 @@ def _run(model, feeds, optimize: bool):
     return session.run(None, feeds)[0]
 
 
-@pytest.mark.parametrize("weight_range", ["reduced", "auto"])
+@pytest.mark.parametrize("weight_range", ["reduced", "paired", "auto"])
 def test_integer_kernels_compute_what_the_qdq_graph_says(weight_range):
     calibration = structured_images(16, seed=7)
     model = export_torch(MobileBlocksNet(), calibration[:1])

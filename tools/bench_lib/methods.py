@@ -20,7 +20,9 @@ RECIPE_FLAGS = {"fast": ["--fast"], "default": [], "reconstruct": ["--reconstruc
                 "reconstruct-bias-correction": ["--reconstruct", "--bias-correction"],
                 "reconstruct-equalize": ["--reconstruct", "--equalize"],
                 "outlier-ranges": ["--fast", "--outlier-ranges"],
-                "reconstruct-outlier-ranges": ["--reconstruct", "--outlier-ranges"]}
+                "reconstruct-outlier-ranges": ["--reconstruct", "--outlier-ranges"],
+                # full 8-bit weights with the int16 pair limit instead of [-64, 64] (hosts without VNNI)
+                "fast-paired": ["--fast", "--weight-range", "paired"], "default-paired": ["--weight-range", "paired"]}
 ORT_CALIBRATIONS = ("minmax", "percentile")
 ONNXREPQ_MAIN = "import sys; from onnxrepq.cli import main; sys.exit(main())"  # what the console script runs
 
