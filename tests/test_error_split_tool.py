@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
+import torch
 
 from onnxrepq.api import quantize_with_result
 from onnxrepq.config import QuantConfig
@@ -19,6 +20,7 @@ def _run(model, feeds):
 
 
 def test_the_split_graphs_remove_what_they_say():
+    torch.manual_seed(0)
     calibration = structured_images(16, seed=4)
     model = export_torch(MobileBlocksNet(), calibration[:1])
     result = quantize_with_result(model, calibration, QuantConfig(fast=True, bias_correction=False))
@@ -35,4 +37,5 @@ def test_the_split_graphs_remove_what_they_say():
     weights_only = sqnr_db(reference, _run(gs.export_onnx(rounding_free), feeds))
     clipping_only = sqnr_db(reference, _run(gs.export_onnx(with_float_weights(rounding_free, weights)), feeds))
     assert activations_only > int8 and weights_only > int8
-    assert clipping_only > 60.0   # float weights, no rounding, inputs within range: float up to the bias rounding
+    # float weights, no rounding, inputs within the ranges: float up to the int32 bias rounding
+    assert clipping_only > max(activations_only, weights_only) + 15.0
