@@ -30,8 +30,7 @@ from onnx import numpy_helper  # noqa: E402
 
 from onnxrepq.api import quantize_with_result  # noqa: E402
 from onnxrepq.config import QuantConfig, ReconstructionConfig  # noqa: E402
-from tools.bench_lib import metrics, runtime  # noqa: E402
-from tools.bench_lib import tasks  # noqa: E402
+from tools.bench_lib import metrics, runtime, tasks  # noqa: E402
 from tools.variant import TASKS, parse_changes  # noqa: E402
 
 

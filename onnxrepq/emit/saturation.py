@@ -49,6 +49,11 @@ def reduced_weight_grid(activation: IntGrid, weight: IntGrid) -> IntGrid:
     return IntGrid(-reach, reach, weight.dtype)
 
 
+def pair_sum_limit(activation: IntGrid) -> int:
+    """The most |a| + |b| two same-sign weights of a pair may reach with activations up to qmax."""
+    return _INT16_MAX // max(activation.qmax, 1)
+
+
 def resolve_weight_range(mode: str, target_saturates: bool) -> str:
     """"full", "reduced" or "paired" for a weight-range setting; "auto" asks the host, since the
     model usually runs where it is quantized. It takes "reduced" where the host saturates: "paired"

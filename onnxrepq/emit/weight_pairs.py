@@ -15,8 +15,7 @@ from ..graph.patterns import constant_value, producer
 from ..passes.base import PassResult
 from ..search.quant_grid import IntGrid
 from ..search.weight_pairs import PairLimit, conv_reduction_order, keep_pairs
-
-_INT16_MAX = 32767
+from .saturation import pair_sum_limit
 
 
 def pair_limit_for(node: gs.Node, input_index: int, axis: int, activation: IntGrid) -> Optional[PairLimit]:
@@ -25,7 +24,7 @@ def pair_limit_for(node: gs.Node, input_index: int, axis: int, activation: IntGr
     weight = constant_value(node.inputs[input_index]) if input_index < len(node.inputs) else None
     if weight is None or input_index != 1:
         return None
-    limit = _INT16_MAX // max(activation.qmax, 1)
+    limit = pair_sum_limit(activation)
     if node.op == "Conv" and weight.ndim >= 3 and axis == 0:
         return PairLimit(limit, conv_reduction_order(weight.shape))
     if node.op in ("MatMul", "Gemm") and weight.ndim == 2:

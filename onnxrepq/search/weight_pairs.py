@@ -53,14 +53,14 @@ def keep_pairs(targets: np.ndarray, integers: np.ndarray, limit: int) -> np.ndar
     """``integers`` (rows of the reduction axis, even length) with every same-sign pair (2m, 2m+1)
     over ``limit`` moved onto it, each pair split as close to its float ``targets`` (in steps, within
     the grid) as the limit allows: the least squared error for the pair."""
-    first, second = integers[:, 0::2], integers[:, 1::2]
-    over = (first * second > 0) & (np.abs(first) + np.abs(second) > limit)
+    over = pairs_over(integers, limit)
     if not over.any():
         return integers
     target_first = np.abs(targets[:, 0::2])
     target_second = np.abs(targets[:, 1::2])
     # minimise (t1 - a)^2 + (t2 - b)^2 on a + b = limit: a = (t1 - t2 + limit) / 2
     share = np.clip(np.rint((target_first - target_second + limit) / 2), 1, limit - 1)
+    first, second = integers[:, 0::2], integers[:, 1::2]
     sign = np.sign(first)
     result = integers.copy()
     result[:, 0::2] = np.where(over, sign * share, first)
@@ -68,6 +68,11 @@ def keep_pairs(targets: np.ndarray, integers: np.ndarray, limit: int) -> np.ndar
     return result
 
 
-def pairs_within(integers: np.ndarray, limit: int) -> bool:
+def pairs_over(integers: np.ndarray, limit: int) -> np.ndarray:
+    """Per pair (2m, 2m+1) of each row: same sign and |a| + |b| past ``limit``."""
     first, second = integers[:, 0::2], integers[:, 1::2]
-    return not ((first * second > 0) & (np.abs(first) + np.abs(second) > limit)).any()
+    return (first * second > 0) & (np.abs(first) + np.abs(second) > limit)
+
+
+def pairs_within(integers: np.ndarray, limit: int) -> bool:
+    return not pairs_over(integers, limit).any()

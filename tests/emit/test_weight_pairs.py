@@ -20,7 +20,7 @@ from onnxrepq.emit.saturation import host_saturates_u8s8, reduced_weight_grid
 from onnxrepq.emit.weight_pairs import KeepWeightPairs, is_depthwise, pair_limit_for
 from onnxrepq.search.criteria import weight_scales
 from onnxrepq.search.quant_grid import activation_grid, weight_grid
-from onnxrepq.search.weight_pairs import PairLimit, conv_reduction_order, keep_pairs, pairs_within
+from onnxrepq.search.weight_pairs import PairLimit, conv_reduction_order, keep_pairs, pairs_over, pairs_within
 from tests.emit.nets import MobileBlocksNet
 from tests.models_for_tests import export_torch, structured_images
 
@@ -157,13 +157,8 @@ def test_keep_weight_pairs_pass_holds_the_folded_integers():
     rows = folded.reshape(6, -1)
     assert pairs_within(pairs.to_pairs(rows), 128)
     ordered_before = pairs.to_pairs(before.reshape(6, -1))
-    untouched = np.repeat(pairs_within_mask(ordered_before), 2, axis=1)
+    untouched = np.repeat(~pairs_over(ordered_before, 128), 2, axis=1)
     np.testing.assert_array_equal(pairs.to_pairs(rows)[untouched], ordered_before[untouched])
-
-
-def pairs_within_mask(integers: np.ndarray) -> np.ndarray:
-    first, second = integers[:, 0::2], integers[:, 1::2]
-    return ~((first * second > 0) & (np.abs(first) + np.abs(second) > 128))
 
 
 def test_which_layers_get_a_pair_limit():
