@@ -56,6 +56,10 @@ class ReconstructionConfig:
     rounding: Literal["adaround", "nearest"] = "adaround"
     rounding_weight: float = 1.0     # the rounding regulariser's weight against the relative loss
     learn_activation_scales: bool = True
+    # Lower bound on a learned activation step, as a fraction of the step the range search chose
+    # (0: LSQ may shrink it freely). Steps shrunk by LSQ clip what lies outside the calibration
+    # batches it saw; on PP-OCRv4 rec clipping alone cost as much as the whole int8 model.
+    activation_step_floor: float = 0.0
     # RepAPQ's QPR per-channel affine (gamma on the weight scale, beta added to the bias). Off by
     # default, measured (BENCHMARKS.md): on PP-OCRv4 rec over seeds 0/1 it cost 0.9 dB and 2.4 points
     # of exact match and made the seed spread 2.0 dB instead of 0.4; on ddddocr's recognizer 23.50 /

@@ -141,7 +141,7 @@ class ReconstructBlocks:
         quantizers = BlockQuantizers(module, graph, self.weight_grid, frozen,
                                      adaround=adaround and config.rounding == "adaround",
                                      affine=config.affine, learn_scales=config.learn_activation_scales,
-                                     layer_grids=self.layer_grids)
+                                     layer_grids=self.layer_grids, step_floor=config.activation_step_floor)
         if not supervised:
             return quantizers, (float("nan"), float("nan"))
         data = _BlockData(inputs, supervised, cache, targets, config.loss)
@@ -165,6 +165,7 @@ class ReconstructBlocks:
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
+                    quantizers.project()
                     bar.update()
         with torch.no_grad():
             learned = evaluate()

@@ -116,13 +116,20 @@ class ActivationScale:
     """
 
     constants: list[gs.Constant]
+    floor: float = 0.0          # least relative step (ReconstructionConfig.activation_step_floor)
 
     def __post_init__(self) -> None:
         self.initial = torch.tensor(float(np.asarray(self.constants[0].values)), dtype=torch.float32)
         self.relative = torch.nn.Parameter(torch.ones(()))
 
     def value(self) -> torch.Tensor:
-        return self.initial * self.relative.clamp_min(1e-3)
+        return self.initial * self.relative.clamp_min(max(self.floor, 1e-3))
+
+    def project(self) -> None:
+        """Back onto the floor after an optimizer step, so a step pushed below it keeps its gradient
+        (a clamp alone would leave the parameter stuck under the floor with none)."""
+        with torch.no_grad():
+            self.relative.clamp_(min=max(self.floor, 1e-3))
 
     def overrides(self) -> dict[str, torch.Tensor]:
         value = self.value()
@@ -145,7 +152,8 @@ class BlockQuantizers:
     """
 
     def __init__(self, module: GraphModule, graph: gs.Graph, grid: IntGrid, frozen: set[str],
-                 adaround: bool, affine: bool, learn_scales: bool, layer_grids: Mapping[str, IntGrid] = {}):
+                 adaround: bool, affine: bool, learn_scales: bool, layer_grids: Mapping[str, IntGrid] = {},
+                 step_floor: float = 0.0):
         constants = {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
         self.weights: list[WeightQuantizer] = []
         self.scales: list[ActivationScale] = []
@@ -164,7 +172,7 @@ class BlockQuantizers:
                 group = groups.get(name, [])
                 seen.update(c.name for c in group)
                 if group and not any(c.name in frozen for c in group):
-                    self.scales.append(ActivationScale(group))
+                    self.scales.append(ActivationScale(group, step_floor))
 
     def parameter_groups(self, weight_lr: float, scale_lr: float, affine_lr: float) -> list[dict]:
         groups = [
@@ -192,6 +200,10 @@ class BlockQuantizers:
                         parameter.zero_()
             for scale in self.scales:
                 scale.relative.fill_(1.0)
+
+    def project(self) -> None:
+        for scale in self.scales:
+            scale.project()
 
     def regulariser(self, beta: float) -> torch.Tensor:
         terms = [w.regulariser(beta) for w in self.weights if w.rounding is not None]
