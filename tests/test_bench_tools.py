@@ -215,3 +215,14 @@ def test_ablate_reconstruction_variants_pick_columns():
     from onnxrepq.config import config_from_dict
     for variant in ablate.VARIANTS:
         config_from_dict(variant.changes, ablate.ReconstructionConfig)
+
+
+def test_variant_scores_a_zoo_model_and_names_what_it_knows_when_asked_for_another():
+    from tools.bench_lib.tasks import Sizes
+    from tools.variant import make_task
+    task = make_task("zoo/repvgg", Sizes(zoo_eval=8))
+    assert task.model_path.endswith(os.path.join("models", "repvgg", "model.onnx"))
+    assert len(task.eval_inputs[next(iter(task.eval_inputs))]) == 8 and task.primary_metric == "top1"
+    for unknown in ("zoo/no-such-model", "resnet"):
+        with pytest.raises(SystemExit, match="unknown task .* or zoo/NAME"):
+            make_task(unknown, Sizes(zoo_eval=8))

@@ -2,7 +2,8 @@
 
 Usage: python tools/variant.py TASK NAME [--seed N] [--calib N] [--out results.jsonl] [FIELD=VALUE ...]
 
-TASK is rec, cls, det or ddddocr (tools/bench_lib/tasks.py builds the same data as tools/bench.py).
+TASK is rec, cls, det, ddddocr or zoo/NAME for models/NAME/model.onnx (tools/bench_lib/tasks.py builds
+the same data as tools/bench.py; the zoo is scored on all of its test split unless --zoo-eval says fewer).
 FIELD is a QuantConfig field (``bias_correction=True``) or a ReconstructionConfig field prefixed with
 ``rec.`` (``rec.loss='mse'``); VALUE is a Python literal. The bench compares recipes against each
 other and onnxruntime; this compares one recipe field at a time over seeds, which is what the
@@ -23,8 +24,9 @@ import sys
 import time
 from dataclasses import fields
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ""):  # run as a script: make `tools` importable from the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, REPO_ROOT)
 
 import numpy as np  # noqa: E402
 
@@ -61,12 +63,27 @@ def run_model(model, task) -> np.ndarray:
     return runtime.run_batches(runtime.make_session(source), task.eval_inputs, task.batch_size)
 
 
+def make_task(name: str, sizes: tasks.Sizes) -> tasks.Task | None:
+    """The bench's task of that name; None where its model is not installed."""
+    if name in TASKS:
+        return TASKS[name](sizes)
+    zoo_name = name.removeprefix("zoo/")
+    path = os.path.join(REPO_ROOT, "models", zoo_name, "model.onnx")
+    if zoo_name == name or not os.path.exists(path):
+        raise SystemExit(f"variant: unknown task {name!r} (choose {', '.join(sorted(TASKS))} or zoo/NAME"
+                         f" with models/NAME/model.onnx)")
+    from tools.zoo.data import make_split
+    images, labels = make_split("test", count=sizes.zoo_eval)
+    return tasks.zoo_task(path, np.asarray(images, dtype=np.float32), np.asarray(labels))
+
+
 def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("task", choices=sorted(TASKS))
+    parser.add_argument("task", help=f"{', '.join(sorted(TASKS))} or zoo/NAME")
     parser.add_argument("name")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--calib", type=int, default=None, help="calibration samples (default: the bench's)")
+    parser.add_argument("--zoo-eval", type=int, default=None, help="zoo test images (default: all)")
     parser.add_argument("--out", default="variants.jsonl")
     parser.add_argument("changes", nargs="*", metavar="FIELD=VALUE")
     return parser.parse_intermixed_args(argv)   # FIELD=VALUE may follow --seed and --out
@@ -78,7 +95,8 @@ def main(argv=None) -> int:
     sizes = tasks.Sizes()
     if args.calib:
         sizes.rec_calib = sizes.cls_calib = sizes.det_calib = sizes.lstm_calib = args.calib
-    task = TASKS[args.task](sizes)
+    sizes.zoo_eval = args.zoo_eval
+    task = make_task(args.task, sizes)
     if task is None:
         raise SystemExit(f"variant: the {args.task} model is not installed (see README: the bench extra)")
     config = QuantConfig(seed=args.seed, reconstruction=ReconstructionConfig(**rec), **quant)
