@@ -58,7 +58,9 @@ class ReconstructionConfig:
     learn_activation_scales: bool = True
     # Lower bound on a learned activation step, as a fraction of the step the range search chose
     # (0: LSQ may shrink it freely). Steps shrunk by LSQ clip what lies outside the calibration
-    # batches it saw; on PP-OCRv4 rec clipping alone cost as much as the whole int8 model.
+    # batches they saw (on PP-OCRv4 rec clipping alone costs as much as the whole int8 model), but a
+    # floor of 1 did not pay (BENCHMARKS.md, session 12): rec exact match 0.694 against 0.689 over
+    # seeds 0-2 with one seed 3.3 dB down, the classifier 1 point and 0.8 dB down, det, ddddocr, the zoo within noise.
     activation_step_floor: float = 0.0
     # RepAPQ's QPR per-channel affine (gamma on the weight scale, beta added to the bias). Off by
     # default, measured (BENCHMARKS.md): on PP-OCRv4 rec over seeds 0/1 it cost 0.9 dB and 2.4 points
@@ -71,6 +73,10 @@ class ReconstructionConfig:
     stage_iterations: int = 50
     qdrop: float = 0.0               # probability of taking an input element from the float model
     loss: Literal["mae", "mse"] = "mae"
+
+    def __post_init__(self) -> None:
+        if not self.activation_step_floor >= 0:
+            raise UserError(f"activation_step_floor must be >= 0 (a fraction of the searched step), got {self.activation_step_floor!r}")
 
 
 @dataclass(frozen=True)
