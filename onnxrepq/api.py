@@ -244,7 +244,9 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
                 Counter(mixed.bits.values()).items(), reverse=True)),
             f"relative output error on the calibration samples: {mixed.joint_error:.4g} with the chosen widths,"
             f" {mixed.uniform_error:.4g} with all at {mixed.uniform_bits} bits"
-            + (f" (uniform {mixed.uniform_bits}-bit kept)" if mixed.kept_uniform else "")]))
+            + (f" (uniform {mixed.uniform_bits}-bit kept)" if mixed.kept_uniform else "")
+            + (f" (the knapsack's widths read {mixed.knapsack_error:.4g}: chosen with a pull of {mixed.pull:g}"
+               " toward uniform)" if mixed.pull and not mixed.kept_uniform else "")]))
         timings["mixed_precision"] = mixed.seconds
     weight_params, widths, paired = {}, {}, {}
     for slot in plan.weights:

@@ -74,10 +74,6 @@ class ReconstructionConfig:
     qdrop: float = 0.0               # probability of taking an input element from the float model
     loss: Literal["mae", "mse"] = "mae"
 
-    def __post_init__(self) -> None:
-        if not self.activation_step_floor >= 0:
-            raise UserError(f"activation_step_floor must be >= 0 (a fraction of the searched step), got {self.activation_step_floor!r}")
-
 
 @dataclass(frozen=True)
 class BiasCorrectionConfig:
@@ -211,9 +207,9 @@ class QuantConfig:
         if rec.rounding not in ("adaround", "nearest") or rec.loss not in ("mae", "mse"):
             raise UserError(f"unknown reconstruction rounding {rec.rounding!r} or loss {rec.loss!r}")
         if rec.iterations < 0 or rec.batch_size < 1 or rec.max_layers_per_block < 1 or not 0 <= rec.qdrop <= 1 \
-                or rec.max_step_elements < 1:
+                or rec.max_step_elements < 1 or not rec.activation_step_floor >= 0:
             raise UserError("reconstruction needs iterations >= 0, batch size, layers per block and step"
-                            " elements >= 1, qdrop in [0, 1]")
+                            " elements >= 1, qdrop in [0, 1], activation step floor >= 0")
 
         mixed = self.mixed_precision
         if mixed.enabled:
@@ -222,8 +218,8 @@ class QuantConfig:
                 raise UserError("mixed-precision budgets must be positive")
             if not mixed.candidates or any(not isinstance(b, int) or not 2 <= b <= 8 for b in mixed.candidates):
                 raise UserError("mixed-precision candidate widths must be integers from 2 to 8")
-            if mixed.samples < 1:
-                raise UserError("mixed-precision search needs at least 1 sample")
+            if mixed.samples < 1 or any(not pull > 0 for pull in mixed.uniform_pulls):
+                raise UserError("mixed-precision search needs at least 1 sample and positive pulls toward uniform")
         if self.clustered_weights and not self.fast:
             raise UserError("clustered weights need the fast recipe (reconstruction learns rounding on the"
                             " uniform grid): add --fast")

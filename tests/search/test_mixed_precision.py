@@ -11,7 +11,7 @@ from onnxrepq.api import quantize_with_result
 from onnxrepq.cli import main
 from onnxrepq.config import QuantConfig
 from onnxrepq.errors import UserError
-from onnxrepq.search.mixed_precision import LayerChoice, MixedPrecisionConfig, _allocate, _greedy
+from onnxrepq.search.mixed_precision import LayerChoice, MixedPrecisionConfig, _allocate, _greedy, _toward_uniform
 from tests.emit.nets import MobileBlocksNet
 from tests.models_for_tests import export_torch, run_ort, sqnr_db, structured_images
 
@@ -124,3 +124,26 @@ def test_a_better_choice_is_kept_and_its_errors_reported(net):
     notes = next(record.notes for record in result.passes if record.name == "mixed_precision")
     joint, uniform = (float(v) for v in re.findall(r"([\d.e+-]+) with", notes[-1]))
     assert joint < uniform and "kept" not in notes[-1]
+
+
+def test_a_pull_toward_uniform_finds_the_choice_that_holds_together():
+    """Errors that compound (every 2-bit layer costs more beside another): the knapsack on the alone
+    errors takes both robust layers to 2 bits and measures worse than uniform 4; one pull strength
+    keeps one of them at 4 and measures better than both."""
+    def layers():
+        return [LayerChoice("a", 1000, 0, 8, {8: 0.0, 6: 0.01, 4: 0.05, 2: 0.06}),
+                LayerChoice("b", 1000, 0, 8, {8: 0.0, 6: 0.01, 4: 0.05, 2: 0.09}),
+                LayerChoice("c", 1000, 0, 8, {8: 0.0, 6: 0.005, 4: 0.1, 2: 0.5}),
+                LayerChoice("d", 1000, 0, 8, {8: 0.0, 6: 0.02, 4: 0.1, 2: 0.5})]
+
+    def measure(widths):
+        alone = sum(layer.errors[bits] for layer, bits in zip(layers(), widths))
+        return alone + 0.05 * sum(bits == 2 for bits in widths) ** 2
+
+    config = MixedPrecisionConfig(budget_mean_bits=4.0, budget_size_mb=4000 * 4 / 8e6, candidates=(8, 6, 4, 2),
+                                  uniform_pulls=(0.1, 0.2, 1.0))
+    knapsack = [layer.bits for layer in _allocate(layers(), config, 8).layers]
+    assert knapsack == [2, 2, 6, 6] and measure(knapsack) > measure([4] * 4)
+    widths, error, pull = _toward_uniform(layers(), config, 8, 4, measure)
+    assert (widths, pull) == ([2, 4, 6, 4], 0.2) and error == pytest.approx(measure(widths))
+    assert error < measure([4] * 4) < measure(knapsack)
