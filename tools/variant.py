@@ -67,14 +67,13 @@ def make_task(name: str, sizes: tasks.Sizes) -> tasks.Task | None:
     """The bench's task of that name; None where its model is not installed."""
     if name in TASKS:
         return TASKS[name](sizes)
-    zoo_name = name.removeprefix("zoo/")
-    path = os.path.join(REPO_ROOT, "models", zoo_name, "model.onnx")
-    if zoo_name == name or not os.path.exists(path):
-        raise SystemExit(f"variant: unknown task {name!r} (choose {', '.join(sorted(TASKS))} or zoo/NAME"
-                         f" with models/NAME/model.onnx)")
-    from tools.zoo.data import make_split
-    images, labels = make_split("test", count=sizes.zoo_eval)
-    return tasks.zoo_task(path, np.asarray(images, dtype=np.float32), np.asarray(labels))
+    if name.startswith("zoo/"):
+        zoo, _ = tasks.zoo_tasks(REPO_ROOT, sizes)   # named zoo/<folder> as the argument is
+        for task in zoo:
+            if task.name == name:
+                return task
+    raise SystemExit(f"variant: unknown task {name!r} (choose {', '.join(sorted(TASKS))} or zoo/NAME"
+                     f" with models/NAME/model.onnx)")
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:

@@ -122,14 +122,18 @@ class ActivationScale:
         self.initial = torch.tensor(float(np.asarray(self.constants[0].values)), dtype=torch.float32)
         self.relative = torch.nn.Parameter(torch.ones(()))
 
+    @property
+    def least(self) -> float:
+        return max(self.floor, 1e-3)
+
     def value(self) -> torch.Tensor:
-        return self.initial * self.relative.clamp_min(max(self.floor, 1e-3))
+        return self.initial * self.relative.clamp_min(self.least)
 
     def project(self) -> None:
         """Back onto the floor after an optimizer step, so a step pushed below it keeps its gradient
         (a clamp alone would leave the parameter stuck under the floor with none)."""
         with torch.no_grad():
-            self.relative.clamp_(min=max(self.floor, 1e-3))
+            self.relative.clamp_(min=self.least)
 
     def overrides(self) -> dict[str, torch.Tensor]:
         value = self.value()
