@@ -110,7 +110,7 @@ def equalize_on_data(graph: gs.Graph, normalized: onnx.ModelProto, calibration, 
     It needs the normalized float model run on data, so it runs after ``normalize`` rather than
     inside it; ``samples`` feeds are enough for channel maxima (the range search sees them all).
     """
-    between = [second.inputs[0].name for _, second in equalization_pairs(graph)]
+    between = [pair.second.inputs[0].name for pair in equalization_pairs(graph)]
     ranges, minima = channel_extremes(normalized, between, itertools.islice(iter(calibration), samples))
     config = EqualizeConfig(absorb_high_bias=absorb_high_bias)
     graph, (record,) = run_passes(graph, [EqualizeCrossLayer(config, ranges, minima)])

@@ -6,6 +6,12 @@ channels through a single per-tensor activation scale. Rescaling channel i of th
 1/s_i and input channel i of the second by s_i changes nothing in float when the activation
 between them is positively homogeneous (Relu(x/s) = Relu(x)/s for s > 0), and equalises both.
 
+HardSwish is not homogeneous, but in the form passes/hard_gates.py gives it, x * clip(a_i x + b_i, 0, 1)
+with (a_i, b_i) a depthwise 1x1 conv, the gate conv can take s_i back (a_i s_i (x / s_i) = a_i x): the
+gate is unchanged and the product is divided by s_i. Scalar or per-channel Mul/Div by a constant commute
+with the scale, and an added constant is divided with its channel (PP-LCNetV3's learnable affine after
+each activation), so mobile nets of that family equalize across their activations too.
+
 High-bias absorption (Nagel et al. 2019, "Data-Free Quantization", sec. 4.1, in its data-aware
 form since our BN is already folded): where channel i of the Relu's input is >= c_i > 0 on all
 calibration data, Relu(x) = Relu(x - c_i) + c_i there, so c_i leaves the first conv's bias and
@@ -16,13 +22,13 @@ the border where the absorbed constant would have to be -c_i, and no conv bias c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..calibrate.channel_stats import collect_channel_stats
-from ..graph.patterns import constant_value, sole_consumer
+from ..graph.patterns import channel_vector, constant_value, is_graph_output, sole_consumer
 from .base import PassResult
 
 # Activations f with f(x / s) = f(x) / s for every s > 0.
@@ -48,12 +54,13 @@ class EqualizeConfig:
 
 
 class EqualizeCrossLayer:
-    """Equalize every Conv -> [Relu | PRelu(slope >= 0) | nothing] -> Conv pair.
+    """Equalize every Conv -> path -> Conv pair, the path made of Relu, PRelu(slope >= 0), gated
+    products x * f(depthwise_1x1(x)), and Mul/Div/Add/Sub by scalar or per-channel constants (or nothing).
 
-    Rules: the first conv's output and the activation's output each have exactly one consumer;
-    both convs have constant weights; the first conv's bias (if any) is scaled with it. Relu6 and
-    Clip are not homogeneous (their bound would have to move per channel) and HardSwish is not
-    either, so those pairs are left alone. Scales are capped at ``max_scale``; capped channels are
+    Rules: each tensor on the path has exactly one consumer (a gated one: the product and its gate
+    conv); both convs have constant weights; the first conv's bias (if any) is scaled with it. Relu6
+    and Clip are not homogeneous (their bound would have to move per channel), nor is a HardSwish
+    op, so those pairs are left alone. Scales are capped at ``max_scale``; capped channels are
     counted in the notes.
 
     What is balanced depends on what is known. Weights are quantized per output channel, so the
@@ -85,7 +92,8 @@ class EqualizeCrossLayer:
         cap = self.config.max_scale
         total: dict[str, np.ndarray] = {}  # the cap bounds the scale summed over rounds, not each round's
         for _ in range(self.config.rounds):
-            for first, second in pairs:
+            for pair in pairs:
+                first, second = pair.first, pair.second
                 tensor = second.inputs[0].name
                 if tensor in ranges:
                     activation = _fill_silent(ranges[tensor], _row_ranges(first))
@@ -95,10 +103,10 @@ class EqualizeCrossLayer:
                 done = total.get(tensor, np.ones(len(wanted)))
                 total[tensor] = np.clip(done * wanted, 1.0 / cap, cap)
                 scale = total[tensor] / done
-                _apply(first, second, scale)
+                _apply(pair, scale)
                 if tensor in ranges:
                     ranges[tensor] = ranges[tensor] / scale
-        aware = sum(second.inputs[0].name in ranges for _, second in pairs)
+        aware = sum(pair.second.inputs[0].name in ranges for pair in pairs)
         notes = [f"{len(pairs)} conv pairs equalized ({aware} on activation ranges)"] if pairs else []
         capped = {tensor: int(np.sum((value >= cap) | (value <= 1.0 / cap))) for tensor, value in total.items()}
         if sum(capped.values()):
@@ -112,13 +120,14 @@ class EqualizeCrossLayer:
         return PassResult(graph, bool(pairs), notes)
 
 
-def absorb_high_biases(pairs: list[tuple[gs.Node, gs.Node]], minima: Mapping[str, np.ndarray]) -> list[str]:
+def absorb_high_biases(pairs: list[Pair], minima: Mapping[str, np.ndarray]) -> list[str]:
     """Move each channel's calibration minimum c > 0 through the activation into the second conv's bias."""
     absorbed, padded = [], []
-    for first, second in pairs:
+    for first, second, *_, absorbable in pairs:
         tensor = second.inputs[0]
-        if tensor is first.outputs[0] or tensor.name not in minima:
-            continue   # no activation between: nothing is cut off, so nothing is "high"
+        # no activation between: nothing is cut off, so nothing is "high"; gates and offsets: not a Relu
+        if not absorbable or tensor.name not in minima:
+            continue
         floor = np.maximum(minima[tensor.name], 0.0)
         if not floor.any():
             continue
@@ -166,31 +175,117 @@ def channel_extremes(model, tensors: list[str], feeds) -> tuple[dict[str, np.nda
             {name: value.channel_min for name, value in stats.items() if value.channel_min is not None})
 
 
-def equalization_pairs(graph: gs.Graph) -> list[tuple[gs.Node, gs.Node]]:
-    """The (first conv, second conv) pairs the pass rewrites; ``second.inputs[0]`` is the tensor between."""
+class Pair(NamedTuple):
+    """Two convs and what lies between them that the channel scales pass through.
+
+    ``gates`` are depthwise 1x1 convs that read the scaled tensor and gate it (HardSwish as
+    ``x * clip(conv(x))`` after passes/hard_gates.py): their weights take the scale back, so the
+    gate is unchanged and the product is scaled. ``offsets`` are Add/Sub nodes with a constant
+    (a learnable affine after an activation, PP-LCNetV3's LAB): their constant is divided per
+    channel. ``absorbable``: the path is a single Relu/PRelu, where high-bias absorption holds.
+    """
+    first: gs.Node
+    second: gs.Node
+    gates: tuple = ()
+    offsets: tuple = ()
+    absorbable: bool = False
+
+
+def equalization_pairs(graph: gs.Graph) -> list[Pair]:
+    """The pairs the pass rewrites; ``pair.second.inputs[0]`` is the tensor the second conv reads."""
     return [pair for node in graph.nodes if node.op == "Conv" and (pair := _pair_after(graph, node))]
 
 
-def _pair_after(graph: gs.Graph, first: gs.Node):
+_MAX_PATH = 8
+
+
+def _pair_after(graph: gs.Graph, first: gs.Node) -> Optional[Pair]:
+    """Walk from the first conv through ops that commute with a per-channel scale to the next conv."""
     if len(first.outputs) != 1 or _weights(first) is None:
         return None
-    between = sole_consumer(first.outputs[0], graph)
-    if between is None:
-        return None
-    if between.op == "Conv":
-        second = between
-    elif _homogeneous(between) and len(between.outputs) == 1:
-        second = sole_consumer(between.outputs[0], graph)
+    channels, rank = _weights(first).shape[0], _weights(first).ndim
+    tensor, gates, offsets, steps = first.outputs[0], [], [], []
+    for _ in range(_MAX_PATH):
+        if is_graph_output(tensor, graph):
+            return None
+        readers = list(tensor.outputs)
+        if len(readers) == 2:
+            product = _gated_product(graph, tensor, readers, channels)
+            if product is None:
+                return None
+            gates.append(product[1])
+            steps.append(product[0])
+            tensor = product[0].outputs[0]
+            continue
+        if len(readers) != 1 or len(readers[0].outputs) != 1:
+            return None
+        node = readers[0]
+        if node.op == "Conv":
+            second = node
+            break
+        if _homogeneous(node):
+            pass
+        elif node.op in ("Mul", "Div", "Add", "Sub") and _channel_constant(node, tensor, channels, rank) is not None:
+            if node.op in ("Add", "Sub"):
+                offsets.append(node)
+        else:
+            return None
+        steps.append(node)
+        tensor = node.outputs[0]
     else:
         return None
-    if second is None or second.op != "Conv" or _weights(second) is None:
+    if second.inputs[0] is not tensor or _weights(second) is None:
         return None
-    if second.inputs[0] is not (first.outputs[0] if between is second else between.outputs[0]):
-        return None
-    channels = _weights(first).shape[0]
     if _weights(second).shape[1] * int(second.attrs.get("group", 1)) != channels:
         return None
-    return first, second
+    absorbable = len(steps) == 1 and _homogeneous(steps[0])
+    return Pair(first, second, tuple(gates), tuple(offsets), absorbable)
+
+
+def _channel_constant(node: gs.Node, tensor: gs.Tensor, channels: int, rank: int) -> Optional[np.ndarray]:
+    """``node``'s constant operand, one value per channel, when it is a scalar or varies along axis 1 only.
+
+    c / x does not commute with a scale, so Div needs the activation first.
+    """
+    if len(node.inputs) != 2 or node.inputs[0] is node.inputs[1] or tensor not in node.inputs:
+        return None
+    index = 1 - node.inputs.index(tensor)
+    if node.op == "Div" and index == 0:
+        return None
+    value = constant_value(node.inputs[index])
+    if value is None or value.dtype != np.float32:
+        return None
+    return channel_vector(value, channels, 1, rank)
+
+
+def _gated_product(graph: gs.Graph, tensor: gs.Tensor, readers: list, channels: int):
+    """(the Mul, the gate conv) where ``tensor`` is read only by x * gate(x), the gate a depthwise conv.
+
+    The depthwise conv's weights take the scale back at no cost to its per-channel grid, so
+    everything after it in the gate, up to the product, is unchanged. (A squeeze-excite gate could
+    take it back in its first dense conv's columns, but that spends the conv's row grids: on
+    PP-OCRv4 rec its two pairs lost 0.2 dB at W6A6, BENCHMARKS.md session 13.)
+    """
+    products = [node for node in readers if node.op == "Mul" and len(node.inputs) == 2 and tensor in node.inputs
+                and node.inputs[0] is not node.inputs[1] and len(node.outputs) == 1]
+    if len(products) != 1:
+        return None
+    product = products[0]
+    other = product.inputs[1 - product.inputs.index(tensor)]
+    gate = next(reader for reader in readers if reader is not product)
+    if gate.op != "Conv" or gate.inputs[0] is not tensor or len(gate.outputs) != 1 or _weights(gate) is None \
+            or _weights(gate).shape[1] != 1 or int(gate.attrs.get("group", 1)) != channels:
+        return None
+    current = gate.outputs[0]
+    for _ in range(_MAX_PATH):
+        if current is other:
+            return product, gate
+        reader = sole_consumer(current, graph)
+        if reader is None or reader.inputs[0] is not current or len(reader.outputs) != 1 \
+                or any(constant_value(t) is None for t in reader.inputs[1:] if t.name):
+            return None
+        current = reader.outputs[0]
+    return None
 
 
 def _homogeneous(node: gs.Node) -> bool:
@@ -283,24 +378,41 @@ def _data_scale(activation: np.ndarray, columns: np.ndarray, depthwise: bool, co
     return scale
 
 
-def _apply(first: gs.Node, second: gs.Node, scale: np.ndarray) -> None:
-    """Channel i of the first conv's output divided by scale[i], input channel i of the second multiplied."""
+def _apply(pair: Pair, scale: np.ndarray) -> None:
+    """Channel i of the first conv's output divided by scale[i], input channel i of the second multiplied.
+
+    Gate convs on the path read the divided channel, so their weights are multiplied back; constants
+    added on the path are divided with the channel they are added to.
+    """
     if np.all(scale == 1.0):
         return
-    w1, w2 = _weights(first).astype(np.float64), _weights(second).astype(np.float64)
-    groups = int(second.attrs.get("group", 1))
-    per_group_in, per_group_out = w2.shape[1], w2.shape[0] // groups
+    first, second = pair.first, pair.second
+    w1 = _weights(first).astype(np.float64)
     w1 /= scale.reshape(-1, *([1] * (w1.ndim - 1)))
-    grouped = w2.reshape(groups, per_group_out, per_group_in, -1)
-    grouped *= scale.reshape(groups, 1, per_group_in, 1)
     _set(first, 1, w1.astype(np.float32))
-    _set(second, 1, grouped.reshape(w2.shape).astype(np.float32))
     if len(first.inputs) > 2 and first.inputs[2] is not None and first.inputs[2].name:
         _set(first, 2, (constant_value(first.inputs[2]).astype(np.float64) / scale).astype(np.float32))
+    for conv in (second, *pair.gates):
+        _scale_columns(conv, scale)
+    for node in pair.offsets:
+        tensor = next(t for t in node.inputs if constant_value(t) is None)
+        index = 1 - node.inputs.index(tensor)
+        offset = channel_vector(constant_value(node.inputs[index]), len(scale), 1, w1.ndim) / scale
+        _set(node, index, offset.reshape(1, -1, *([1] * (w1.ndim - 2))).astype(np.float32))
+
+
+def _scale_columns(conv: gs.Node, scale: np.ndarray) -> None:
+    """Input channel i of ``conv`` multiplied by scale[i], whatever its groups."""
+    weight = _weights(conv).astype(np.float64)
+    groups = int(conv.attrs.get("group", 1))
+    per_group_in, per_group_out = weight.shape[1], weight.shape[0] // groups
+    grouped = weight.reshape(groups, per_group_out, per_group_in, -1)
+    grouped *= scale.reshape(groups, 1, per_group_in, 1)
+    _set(conv, 1, grouped.reshape(weight.shape).astype(np.float32))
 
 
 def _set(node: gs.Node, index: int, value: np.ndarray) -> None:
-    suffix = "weight" if index == 1 else "bias"
+    suffix = {1: "weight", 2: "bias"}.get(index, "offset") if node.op == "Conv" else "offset"
     inputs = list(node.inputs)
     inputs += [gs.Variable.empty()] * (index + 1 - len(inputs))   # a conv without a bias gets one
     base = node.name or node.outputs[0].name  # names must be unique across the graph

@@ -73,7 +73,7 @@ def _ranges(model, feeds):
     from onnxrepq.calibrate.channel_stats import collect_channel_stats
     from onnxrepq.passes.equalize import equalization_pairs
 
-    tensors = [second.inputs[0].name for _, second in equalization_pairs(gs.import_onnx(model))]
+    tensors = [pair.second.inputs[0].name for pair in equalization_pairs(gs.import_onnx(model))]
     return {name: stats.channel_absmax for name, stats in collect_channel_stats(model, tensors, feeds).items()}
 
 
@@ -234,3 +234,80 @@ def test_quantize_absorbs_high_biases_and_keeps_the_float_model():
     assert any(note.startswith("high bias absorbed in 1 pairs") for note in notes), notes
     for feed in _uniform_feeds(24):
         assert_same_outputs(model, result.float_model, feed, rtol=1e-5)
+
+
+def _gated_model(second_groups: int, offset_shape=(1,), divide_first: bool = False):
+    """Conv -> x * Clip(depthwise 1x1(x), 0, 1) -> Mul(scalar) -> Add(offset) -> padded Conv: HardSwish after
+    passes/hard_gates.py with PP-LCNetV3's learnable affine behind it, channels 100x apart."""
+    channels = 8
+    w1 = weights(channels, 4, 3, 3) * np.geomspace(0.05, 5.0, channels).reshape(-1, 1, 1, 1).astype(np.float32)
+    gate = np.full((channels, 1, 1, 1), 1.0 / 6.0, np.float32)
+    w2 = weights(6 if second_groups == 1 else channels, channels // second_groups, 3, 3)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["c1", "gw", "gb"], ["g0"], group=channels),
+             helper.make_node("Clip", ["g0", "lo", "hi"], ["g1"]),
+             helper.make_node("Mul", ["c1", "g1"], ["hs"]),
+             helper.make_node("Mul", ["a", "hs"], ["m"]),
+             helper.make_node("Div", ["a", "m"] if divide_first else ["m", "a"], ["d"]),
+             helper.make_node("Add", ["d", "b"], ["lab"]),
+             helper.make_node("Conv", ["lab", "w2"], ["y"], pads=[1, 1, 1, 1], group=second_groups)]
+    inits = {"w1": w1, "b1": weights(channels), "gw": gate, "gb": np.full(channels, 0.5, np.float32),
+             "lo": np.array(0.0, np.float32), "hi": np.array(1.0, np.float32), "a": np.array([0.7], np.float32),
+             "b": np.linspace(-0.3, 0.2, int(np.prod(offset_shape))).astype(np.float32).reshape(offset_shape),
+             "w2": w2}
+    return make_model(nodes, {"x": [2, 4, 9, 9]}, {"y": [2, w2.shape[0], 9, 9]}, inits)
+
+
+def test_pairs_through_a_gated_hardswish_and_an_affine_are_exact_and_balance_the_activation():
+    from onnxrepq.calibrate.channel_stats import collect_channel_stats
+
+    for groups, offset_shape in ((1, (1,)), (8, (1, 8, 1, 1)), (1, (8, 1, 1))):
+        model = _gated_model(groups, offset_shape)
+        feeds = [{"x": np.random.default_rng(seed).standard_normal((2, 4, 9, 9)).astype(np.float32)}
+                 for seed in range(4)]
+        ranges = _ranges(model, feeds)
+        assert list(ranges) == ["lab"]
+        after, records = apply_passes(model, [EqualizeCrossLayer(EqualizeConfig(tolerance=1.0), ranges)])
+        assert records[0].notes[0] == "1 conv pairs equalized (1 on activation ranges)"
+        for feed in feeds:   # the padded second conv reads zeros at the border: the divided offset keeps that exact
+            assert_same_outputs(model, after, feed, rtol=1e-5)
+        for tensor in ("c1", "lab"):   # both the conv output and the tensor the next conv reads come closer
+            before = collect_channel_stats(model, [tensor], feeds)[tensor].channel_absmax
+            now = collect_channel_stats(after, [tensor], feeds)[tensor].channel_absmax
+            assert np.ptp(np.log10(now)) < 0.6 * np.ptp(np.log10(before)), (groups, offset_shape, tensor)
+
+
+def test_paths_that_do_not_commute_with_a_channel_scale_are_left_alone():
+    import onnx_graphsurgeon as gs
+
+    from onnxrepq.passes.equalize import equalization_pairs
+
+    divided = _gated_model(1, divide_first=True)          # a / x
+    spatial = _gated_model(1, offset_shape=(1, 1, 9, 9))  # an offset that varies along the image
+    for model in (divided, spatial):
+        assert equalization_pairs(gs.import_onnx(model)) == []
+        after, records = apply_passes(model, [EqualizeCrossLayer()])
+        assert not records[0].modified
+
+
+def test_a_squeeze_excite_gate_keeps_its_pair_out():
+    """x * sigmoid(conv(relu(conv(pool(x))))): exact to equalize, but its dense first conv would pay
+    for the scale in its row grids, so only the gate's own conv -> relu -> conv pair is taken."""
+    import onnx_graphsurgeon as gs
+
+    from onnxrepq.passes.equalize import equalization_pairs
+
+    channels = 8
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c1"], ["p"]),
+             helper.make_node("Conv", ["p", "sw1", "sb1"], ["s1"]),
+             helper.make_node("Relu", ["s1"], ["s2"]),
+             helper.make_node("Conv", ["s2", "sw2", "sb2"], ["s3"]),
+             helper.make_node("Sigmoid", ["s3"], ["s4"]),
+             helper.make_node("Mul", ["s4", "c1"], ["se"]),
+             helper.make_node("Conv", ["se", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    inits = {"w1": weights(channels, 4, 3, 3), "b1": weights(channels), "sw1": weights(4, channels, 1, 1),
+             "sb1": weights(4), "sw2": weights(channels, 4, 1, 1), "sb2": weights(channels),
+             "w2": weights(6, channels, 3, 3)}
+    model = make_model(nodes, {"x": [2, 4, 9, 9]}, {"y": [2, 6, 9, 9]}, inits)
+    assert [pair.second.inputs[0].name for pair in equalization_pairs(gs.import_onnx(model))] == ["s2"]
