@@ -8,8 +8,12 @@ before and a Q after it: a float pass over the whole feature map plus two conver
 A constant whose elements are all equal is exact on the activation's uint8 grid, so this costs no
 accuracy: c > 0 is q = 1, zero point 0, scale c; c < 0 is q = 0, zero point 1, scale |c|; c == 0 is
 q = zero point = 0, scale 1. Each decodes to c bit for bit ((q - zp) * scale with q - zp = +-1).
-A constant with differing elements (a per-channel affine) would need a real, lossy quantization;
-it is left in float here (PP-OCRv4 det has only scalar ones), so the node stays as it was.
+A constant with differing elements needs a real, lossy quantization. An added one (a bias after a
+MatMul, or an offset that equalization across a learnable affine made per-channel, passes/equalize.py)
+goes on the finest uint8 grid that holds it, within half a step (offset_encoding): left float, the 13
+equalized offsets of PP-OCRv4 rec made its `--fast` model 15% slower (BENCHMARKS.md, session 13); with
+them and its 9 MatMul biases rounded it reads 0.4 dB better than with all 22 in float. A multiplied one is left in float, so that node stays as it was. Bias correction then
+finds no float bias behind those MatMuls and leaves them alone (9 in rec's SVTR neck).
 
 Runs right after InsertQDQ, so block reconstruction and bias correction see the graph the runtime
 will run; the new DQ reads only constants, which the torch executor folds like a weight's DQ.
@@ -37,7 +41,7 @@ class QuantizeConstantOperands:
         self.ops = frozenset(int8_ops) & frozenset(_BINARY)
 
     def __call__(self, graph: gs.Graph) -> PassResult:
-        done, skipped = 0, 0
+        done, skipped, rounded, worst = 0, 0, 0, 0.0
         for node in list(graph.nodes):
             if node.op not in self.ops or len(node.inputs) != 2 or not _quantized_output(node):
                 continue
@@ -50,6 +54,11 @@ class QuantizeConstantOperands:
             if activation_type is None or values.dtype != np.float32 or values.size == 0:
                 continue
             encoded = exact_encoding(values, activation_type)
+            if encoded is None and node.op == "Add":
+                encoded = offset_encoding(values, activation_type)
+                if encoded is not None:
+                    rounded += 1
+                    worst = max(worst, float(np.max(np.abs(_decode(*encoded) - values))))
             if encoded is None:
                 skipped += 1
                 continue
@@ -63,6 +72,8 @@ class QuantizeConstantOperands:
             done += 1
         graph.cleanup().toposort()
         notes = [f"{done} constant operands of Add/Mul stored as exact uint8 behind a DequantizeLinear"] if done else []
+        if rounded:
+            notes.append(f"{rounded} of them per-channel offsets rounded to a uint8 grid (largest error {worst:.3g})")
         if skipped:
             notes.append(f"{skipped} non-uniform constant operands left float (not exact on a per-tensor grid)")
         return PassResult(graph, done > 0, notes)
@@ -84,6 +95,31 @@ def exact_encoding(values: np.ndarray, dtype) -> Optional[tuple[np.ndarray, np.n
     else:
         q, zero_point, scale = low, low, np.float32(1)
     return (np.full(values.shape, q, dtype), np.array(scale, np.float32), np.array(zero_point, dtype))
+
+
+def offset_encoding(values: np.ndarray, dtype) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(q, scale, zero point) on the finest grid of ``dtype`` that holds every value and zero.
+
+    Lossy, at most half a step. Only for an added constant: its step is at most the Add output's
+    (that output's range holds the offsets), so the error stays under half an output step, where
+    a float Add would cost a pass over the map (PP-OCRv4 rec after equalization: 13 of them, 15%).
+    """
+    flat = values.reshape(-1).astype(np.float64)
+    if not np.all(np.isfinite(flat)):
+        return None
+    info = np.iinfo(np.dtype(dtype))
+    low, high = min(flat.min(), 0.0), max(flat.max(), 0.0)
+    scale = (high - low) / (info.max - info.min)
+    if scale <= 0:
+        return None
+    zero_point = int(np.clip(np.round(info.min - low / scale), info.min, info.max))
+    quantized = np.clip(np.round(flat / scale) + zero_point, info.min, info.max)
+    return (quantized.reshape(values.shape).astype(dtype), np.array(scale, np.float32),
+            np.array(zero_point, dtype))
+
+
+def _decode(quantized: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
+    return (quantized.astype(np.float64) - float(zero_point)) * float(scale)
 
 
 def _dequantized_type(tensor: gs.Tensor):
