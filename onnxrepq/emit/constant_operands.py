@@ -8,12 +8,11 @@ before and a Q after it: a float pass over the whole feature map plus two conver
 A constant whose elements are all equal is exact on the activation's uint8 grid, so this costs no
 accuracy: c > 0 is q = 1, zero point 0, scale c; c < 0 is q = 0, zero point 1, scale |c|; c == 0 is
 q = zero point = 0, scale 1. Each decodes to c bit for bit ((q - zp) * scale with q - zp = +-1).
-A constant with differing elements needs a real, lossy quantization. An added one (a bias after a
-MatMul, or an offset that equalization across a learnable affine made per-channel, passes/equalize.py)
-goes on the finest uint8 grid that holds it, within half a step (offset_encoding): left float, the 13
-equalized offsets of PP-OCRv4 rec made its `--fast` model 15% slower (BENCHMARKS.md, session 13); with
-them and its 9 MatMul biases rounded it reads 0.4 dB better than with all 22 in float. A multiplied one is left in float, so that node stays as it was. Bias correction then
-finds no float bias behind those MatMuls and leaves them alone (9 in rec's SVTR neck).
+A constant with differing elements needs a real, lossy quantization. An offset that equalization
+across a learnable affine made per-channel (passes/equalize.py) goes on the finest uint8 grid that
+holds it, within half a step (offset_encoding): left float, PP-OCRv4 rec's 13 such Adds made its
+`--fast` model 15% slower (BENCHMARKS.md, session 13). A bias added to a MatMul/Gemm/Conv output stays
+float, where bias correction can still move it; so does a multiplied constant, whose node stays as it was.
 
 Runs right after InsertQDQ, so block reconstruction and bias correction see the graph the runtime
 will run; the new DQ reads only constants, which the torch executor folds like a weight's DQ.
@@ -54,7 +53,7 @@ class QuantizeConstantOperands:
             if activation_type is None or values.dtype != np.float32 or values.size == 0:
                 continue
             encoded = exact_encoding(values, activation_type)
-            if encoded is None and node.op == "Add":
+            if encoded is None and node.op == "Add" and not _layer_output(node.inputs[1 - index]):
                 encoded = offset_encoding(values, activation_type)
                 if encoded is not None:
                     rounded += 1
@@ -116,6 +115,16 @@ def offset_encoding(values: np.ndarray, dtype) -> Optional[tuple[np.ndarray, np.
     quantized = np.clip(np.round(flat / scale) + zero_point, info.min, info.max)
     return (quantized.reshape(values.shape).astype(dtype), np.array(scale, np.float32),
             np.array(zero_point, dtype))
+
+
+def _layer_output(tensor: gs.Tensor) -> bool:
+    """The tensor is a MatMul/Gemm/Conv output behind QuantizeLinear -> DequantizeLinear: its added constant is a bias."""
+    node = producer(tensor)
+    for _ in range(2):
+        if node is None or node.op not in ("DequantizeLinear", "QuantizeLinear"):
+            return False
+        node = producer(node.inputs[0])
+    return node is not None and node.op in ("MatMul", "Gemm", "Conv")
 
 
 def _decode(quantized: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:

@@ -142,3 +142,16 @@ def test_block_reconstruction_runs_over_constant_dequantize():
     assert ops["QLinearMul"] == 1 and ops["QLinearAdd"] == 1 and ops["Mul"] == ops["Add"] == 0, ops
     feeds = {"x": structured_images(4, seed=7)}
     assert sqnr_db(run_ort(model, feeds)[0], run_ort(quantized, feeds)[0]) > 20
+
+
+def test_a_bias_after_a_matmul_stays_float():
+    """MatMul -> Add(vector): a layer's bias, which bias correction moves; it is not rounded to a grid."""
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m"]),
+             helper.make_node("Add", ["m", "b"], ["a"]),
+             helper.make_node("MatMul", ["a", "w2"], ["y"])]
+    inits = {"w1": weights(8, 8), "b": np.linspace(-1.0, 1.0, 8).astype(np.float32), "w2": weights(8, 8)}
+    model = make_model(nodes, {"x": ["n", 4, 8]}, {"y": ["n", 4, 8]}, inits)
+    calibration = np.random.default_rng(3).standard_normal((8, 4, 8)).astype(np.float32)
+    quantized = onnxrepq.quantize(model, calibration, QuantConfig(fast=True))
+    add = next(n for n in quantized.graph.node if n.op_type == "Add")
+    assert not any("_constant" in name for name in add.input), list(add.input)
