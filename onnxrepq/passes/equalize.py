@@ -182,7 +182,7 @@ class Pair(NamedTuple):
     ``x * clip(conv(x))`` after passes/hard_gates.py): their weights take the scale back, so the
     gate is unchanged and the product is scaled. ``offsets`` are Add/Sub nodes with a constant
     (a learnable affine after an activation, PP-LCNetV3's LAB): their constant is divided per
-    channel. ``absorbable``: the path is a single Relu/PRelu, where high-bias absorption holds.
+    channel (each held as (node, index of the constant)). ``absorbable``: the path is a single Relu/PRelu, where high-bias absorption holds.
     """
     first: gs.Node
     second: gs.Node
@@ -225,9 +225,9 @@ def _pair_after(graph: gs.Graph, first: gs.Node) -> Optional[Pair]:
             break
         if _homogeneous(node):
             pass
-        elif node.op in ("Mul", "Div", "Add", "Sub") and _channel_constant(node, tensor, channels, rank) is not None:
+        elif node.op in ("Mul", "Div", "Add", "Sub") and (index := _constant_index(node, tensor, channels, rank)) is not None:
             if node.op in ("Add", "Sub"):
-                offsets.append(node)
+                offsets.append((node, index))
         else:
             return None
         steps.append(node)
@@ -242,8 +242,8 @@ def _pair_after(graph: gs.Graph, first: gs.Node) -> Optional[Pair]:
     return Pair(first, second, tuple(gates), tuple(offsets), absorbable)
 
 
-def _channel_constant(node: gs.Node, tensor: gs.Tensor, channels: int, rank: int) -> Optional[np.ndarray]:
-    """``node``'s constant operand, one value per channel, when it is a scalar or varies along axis 1 only.
+def _constant_index(node: gs.Node, tensor: gs.Tensor, channels: int, rank: int) -> Optional[int]:
+    """Which input of ``node`` is its constant, when it is a scalar or varies along axis 1 only.
 
     c / x does not commute with a scale, so Div needs the activation first.
     """
@@ -255,7 +255,7 @@ def _channel_constant(node: gs.Node, tensor: gs.Tensor, channels: int, rank: int
     value = constant_value(node.inputs[index])
     if value is None or value.dtype != np.float32:
         return None
-    return channel_vector(value, channels, 1, rank)
+    return index if channel_vector(value, channels, 1, rank) is not None else None
 
 
 def _gated_product(graph: gs.Graph, tensor: gs.Tensor, readers: list, channels: int):
@@ -394,9 +394,7 @@ def _apply(pair: Pair, scale: np.ndarray) -> None:
         _set(first, 2, (constant_value(first.inputs[2]).astype(np.float64) / scale).astype(np.float32))
     for conv in (second, *pair.gates):
         _scale_columns(conv, scale)
-    for node in pair.offsets:
-        tensor = next(t for t in node.inputs if constant_value(t) is None)
-        index = 1 - node.inputs.index(tensor)
+    for node, index in pair.offsets:
         offset = channel_vector(constant_value(node.inputs[index]), len(scale), 1, w1.ndim) / scale
         _set(node, index, offset.reshape(1, -1, *([1] * (w1.ndim - 2))).astype(np.float32))
 
