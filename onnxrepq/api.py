@@ -44,7 +44,7 @@ from .progress import Progress
 from .reconstruct.learn import ReconstructBlocks
 from .search.criteria import activation_range, weight_scales
 from .search.mixed_precision import MixedPrecisionResult, choose_bit_widths, sensitivity_runs
-from .emit.saturation import pairs_overflow, reduced_weight_grid, resolve_weight_range
+from .emit.saturation import pairs_overflow, reduced_weight_grid, resolve_weight_range, weight_zero_point
 from .emit.weight_pairs import KeepWeightPairs, is_depthwise, pair_limit_for
 from .search.weight_pairs import PairLimit
 from .search.quant_grid import IntGrid, activation_grid, affine_params, symmetric_params, weight_grid
@@ -230,9 +230,11 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
     nodes = {node.name: node for node in graph.nodes}
     weight_range = resolve_weight_range(config.weight_range, rules.u8s8_pair_saturation)
 
-    def grid_for(bits: int) -> IntGrid:
+    def grid_for(bits: int, stored_signed: bool = False) -> IntGrid:
+        """Every layer's grid at ``bits``; ``stored_signed``: for int8 storage whatever the range says."""
         full = weight_grid(bits)
-        return reduced_weight_grid(grid, full) if weight_range != "full" and pairs_overflow(grid, full) else full
+        unlimited = weight_range == "full" or (weight_range == "unsigned" and not stored_signed)
+        return full if unlimited or not pairs_overflow(grid, full) else reduced_weight_grid(grid, full)
 
     wgrid = grid_for(config.weight_bits)
     mixed = _mixed_precision(normalized, graph, plan, calibration_data, config, grid_for, progress)
@@ -259,7 +261,8 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
             paired[slot.node] = (pairs, node_grid)
         weight_params[slot.node] = WeightQuant(
             weight_scales(node.inputs[slot.input_index].values, slot.axis, settings.weight_scale_search, node_grid,
-                          pairs), slot.axis, node_grid)
+                          pairs), slot.axis, node_grid,
+            weight_zero_point(is_depthwise(node), node_grid, weight_range, grid))
     range_note = _weight_range_note(weight_params, widths, paired, config.weight_range, weight_range)
     if range_note:
         records.append(PassRecord("weight_range", True, [range_note]))
@@ -271,7 +274,8 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
         activation_params, histograms, methods, channel_stats, moved_ranges = (
             relead(found, before, plan) for found in (activation_params, histograms, methods, channel_stats,
                                                        moved_ranges))
-    codebooks = build_codebooks(graph, plan, weight_params, widths, grid_for(8)) if config.clustered_weights else {}
+    codebooks = (build_codebooks(graph, plan, weight_params, widths, grid_for(8, stored_signed=True))
+                 if config.clustered_weights else {})   # codebook entries are int8 whatever the range
     timings["search"] = time.perf_counter() - started
 
     layers = _layer_rows(graph, plan, weight_params, activation_params, config, histograms, methods)
@@ -340,9 +344,11 @@ def _weight_range_note(weight_params: dict, widths: dict, paired: dict, asked: s
     """What the weight range did, or "" where every layer has its full grid."""
     held = Counter((p.grid.qmin, p.grid.qmax) for name, p in weight_params.items()
                    if p.grid != weight_grid(widths[name]))
-    if not held and not paired:
+    unsigned = sum(1 for p in weight_params.values() if p.zero_point)
+    if not held and not paired and not unsigned:
         return ""
-    parts = []
+    parts = [f"{unsigned} layers on the full 8-bit grid stored as uint8 with zero point 128 (u8 x u8 kernels)"
+             ] if unsigned else []
     if paired:
         parts.append(f"{len(paired)} layers on the full 8-bit grid with same-sign adjacent weight pairs held to"
                      f" |a| + |b| <= {next(iter(paired.values()))[0].limit}")
@@ -400,7 +406,9 @@ def _weight_row(node: gs.Node, slot, quant: WeightQuant, config: QuantConfig) ->
             "weight_bits": int(np.log2(quant.grid.qmax + 1)) + 1, "weight_count": int(weight.size),
             # how the width is held: an int8 container (onnxruntime's int4 Conv dequantizes per run),
             # narrower grids as a clipped range in it; int4 weight-only MatMul/Gemm rows are relabelled
-            "weight_storage": f"{np.dtype(quant.grid.dtype).name} [{quant.grid.qmin}, {quant.grid.qmax}]",
+            "weight_storage": (f"uint8 [{quant.grid.qmin + quant.zero_point}, {quant.grid.qmax + quant.zero_point}]"
+                               f" zero point {quant.zero_point}" if quant.zero_point else
+                               f"{np.dtype(quant.grid.dtype).name} [{quant.grid.qmin}, {quant.grid.qmax}]"),
             "weight_scale_search": config.for_node(node.name, node.op).weight_scale_search,
             "weight_min": float(weight.min()), "weight_max": float(weight.max()),
             "weight_absmax": float(channel_absmax.max()),

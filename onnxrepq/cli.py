@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--weight-range", choices=WEIGHT_RANGES, default=None,
                           help="reduced: 8-bit weights held to [-64, 64], paired: full 8-bit weights with"
                           " same-sign adjacent pairs held to |a|+|b| <= 128, so onnxruntime CPUs without VNNI do"
-                          " not saturate; auto (default) reduces when this host lacks VNNI, else full")
+                          " not saturate; unsigned: full 8-bit weights stored as uint8, exact on any CPU but run"
+                          " by slower u8 x u8 kernels; auto (default) reduces when this host lacks VNNI, else full")
     quantize.add_argument("--seed", type=int, default=None, help="default 0")
     quantize.add_argument("--fast", action="store_true", help="scale search only, no block reconstruction: minutes faster")
     quantize.add_argument("--clustered-weights", action="store_true",

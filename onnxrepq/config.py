@@ -18,11 +18,11 @@ from .search.mixed_precision import MixedPrecisionConfig
 
 ScaleSearch = Literal["mae", "mse", "minmax", "percentile"]
 Target = Literal["ort-cpu", "tensorrt"]
-WeightRange = Literal["auto", "full", "reduced", "paired"]
+WeightRange = Literal["auto", "full", "reduced", "paired", "unsigned"]
 
 SCALE_SEARCHES: tuple[str, ...] = ("mae", "mse", "minmax", "percentile")
 TARGETS: tuple[str, ...] = ("ort-cpu", "tensorrt")
-WEIGHT_RANGES: tuple[str, ...] = ("auto", "full", "reduced", "paired")
+WEIGHT_RANGES: tuple[str, ...] = ("auto", "full", "reduced", "paired", "unsigned")
 
 
 @dataclass(frozen=True)
@@ -200,6 +200,9 @@ class QuantConfig:
             raise UserError(f"unknown weight range {self.weight_range!r}; choose one of {', '.join(WEIGHT_RANGES)}")
         if self.target not in TARGETS:
             raise UserError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        if self.weight_range == "unsigned" and self.target != "ort-cpu":
+            raise UserError("weight range 'unsigned' stores weights as uint8 for onnxruntime CPU's u8 x u8 kernels;"
+                            f" {self.target} takes int8 weights: choose another weight range")
         if not 50.0 < self.percentile <= 100.0:
             raise UserError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.calibration.max_samples < 1:

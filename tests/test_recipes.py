@@ -93,7 +93,8 @@ def test_unknown_key_is_a_usage_error_naming_it(text, key, files, capsys):
 
 def test_wrong_types_are_usage_errors(files):
     for text in ("weight_bits = 'eight'", "fast = 1", "keep_float = 'Conv'", "target = 'gpu'",
-                 "[reconstruction]\nactivation_step_floor = -0.5"):
+                 "[reconstruction]\nactivation_step_floor = -0.5",
+                 "weight_range = 'unsigned'\ntarget = 'tensorrt'"):   # TensorRT takes int8 weights only
         (files / "bad.toml").write_text(text)
         with pytest.raises(UserError):
             load_recipe(files / "bad.toml")

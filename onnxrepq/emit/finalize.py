@@ -107,8 +107,9 @@ def _widen_weight_steps(node: gs.Node, overflow: np.ndarray, bias: np.ndarray, i
     integers, weight_scale = constant_value(dequantize.inputs[0]), constant_value(dequantize.inputs[1])
     zero_point = constant_value(dequantize.inputs[2]) if len(dequantize.inputs) > 2 else None
     axis = int(dequantize.attrs.get("axis", 1)) % integers.ndim
+    offset = 0 if zero_point is None else int(zero_point.reshape(-1)[0])   # 128: uint8 storage
     if (weight_scale.size != bias.size or integers.shape[axis] != bias.size
-            or (zero_point is not None and np.any(zero_point != 0))):
+            or (zero_point is not None and np.any(zero_point != offset))):
         return None
     old = weight_scale.astype(np.float64).reshape(-1)
     # 2^30: the bias lands near half the int32 reach, so the accumulator's sum stays inside it
@@ -117,11 +118,11 @@ def _widen_weight_steps(node: gs.Node, overflow: np.ndarray, bias: np.ndarray, i
     scale = input_scale.astype(np.float64).reshape(()) * step.astype(np.float64)
     if np.any(np.abs(np.rint(bias / scale)) > _INT32_MAX):
         return None
-    rows = np.moveaxis(integers, axis, 0).astype(np.float64)
+    rows = np.moveaxis(integers, axis, 0).astype(np.float64) - offset
     ratio = (old / step.astype(np.float64)).reshape((-1,) + (1,) * (rows.ndim - 1))
     rows = np.where(overflow.reshape(ratio.shape), np.rint(rows * ratio), rows)
     dequantize.inputs[0] = gs.Constant(f"{dequantize.name}_integers_widened",
-                                       np.moveaxis(rows, 0, axis).astype(integers.dtype))
+                                       (np.moveaxis(rows, 0, axis) + offset).astype(integers.dtype))
     dequantize.inputs[1] = gs.Constant(f"{dequantize.name}_scale_widened", step.reshape(weight_scale.shape))
     return scale
 

@@ -6,8 +6,12 @@ and saturates: 255 * 127 * 2 = 64770 does not fit in 32767. The result is silent
 slow. Measured on an AMD EPYC (AVX2 only) with onnxruntime 1.32: a small mobile net whose QDQ
 graph reads 30.4 dB output SQNR unoptimized reads 18.8 dB once onnxruntime fuses it into
 QLinearConv; with 7-bit weights both read 28.1 dB. onnxruntime's own quantizer calls the remedy
-``reduce_range``; here it is the weight range: "reduced" keeps |q| * 255 * 2 within int16, and
-"paired" (search/weight_pairs.py) keeps the full grid and limits only the pairs that add up.
+``reduce_range``; here it is the weight range: "reduced" keeps |q| * 255 * 2 within int16,
+"paired" (search/weight_pairs.py) keeps the full grid and limits only the pairs that add up, and
+"unsigned" keeps the full grid and stores it as uint8 with zero point 128: MLAS then takes its
+u8 x u8 kernels, which widen to int16 before multiplying and add in int32, exact at any weight
+(tests/emit/test_weight_pairs.py). They are slower than u8 x s8: PP-OCRv4 rec ran 1.24x faster than
+FP32 against 1.55x with int8 weights (BENCHMARKS.md, session 14).
 VNNI (``vpdpbusd``) accumulates in int32 and needs nothing of the sort, and neither do ARM's
 dot-product kernels or TensorRT.
 """
@@ -47,6 +51,14 @@ def reduced_weight_grid(activation: IntGrid, weight: IntGrid) -> IntGrid:
     """The widest symmetric grid inside ``weight`` whose products stay clear of the int16 pairs."""
     reach = min(max(weight.qmax, -weight.qmin), _INT16_MAX // (2 * max(activation.qmax, 1)))
     return IntGrid(-reach, reach, weight.dtype)
+
+
+def weight_zero_point(depthwise: bool, weight: IntGrid, mode: str, activation: IntGrid) -> int:
+    """128 where the layer's weights are stored as uint8 ("unsigned" and products that would
+    saturate u8 x s8 pairs), else 0. Depthwise convs add in int32 on any host and keep int8."""
+    if mode != "unsigned" or not pairs_overflow(activation, weight) or depthwise:
+        return 0
+    return 128
 
 
 def pair_sum_limit(activation: IntGrid) -> int:

@@ -32,7 +32,14 @@ class ActivationQuant:
 class WeightQuant:
     scale: np.ndarray   # one per channel along ``axis``
     axis: int
-    grid: IntGrid
+    grid: IntGrid       # the signed integers the weight takes, whatever type stores them
+    # 128: stored as uint8 with zero point 128 (emit/saturation.py: onnxruntime's u8 x u8 kernels
+    # do not saturate where its u8 x s8 ones do); 0: stored in ``grid.dtype``
+    zero_point: int = 0
+
+    @property
+    def storage_dtype(self) -> type:
+        return np.uint8 if self.zero_point else self.grid.dtype
 
 
 class InsertQDQ:
@@ -99,8 +106,9 @@ class InsertQDQ:
         clipped = np.clip(node.inputs[index].values, -limit, limit).astype(np.float32)
         weight = gs.Constant(f"{base}_float", clipped)
         scale = gs.Constant(f"{base}_scale", quant.scale.astype(np.float32))
-        zero_point = gs.Constant(f"{base}_zero_point", np.zeros(quant.scale.shape, dtype=quant.grid.dtype))
-        quantized = gs.Variable(f"{base}_quantized", dtype=quant.grid.dtype)
+        zero_point = gs.Constant(f"{base}_zero_point",
+                                 np.full(quant.scale.shape, quant.zero_point, dtype=quant.storage_dtype))
+        quantized = gs.Variable(f"{base}_quantized", dtype=quant.storage_dtype)
         restored = gs.Variable(f"{base}_dequantized", dtype=np.float32)
         attrs = {"axis": quant.axis}
         graph.layer(op="QuantizeLinear", name=f"{base}_QuantizeLinear", inputs=[weight, scale, zero_point],

@@ -15,10 +15,11 @@ rng = np.random.default_rng(7)
 X = rng.uniform(-1, 1, (2, 4, 6, 6)).astype(np.float32)
 
 
-def conv_with_bias(integers: np.ndarray, weight_scale: np.ndarray, bias: np.ndarray):
-    """x -> Q/DQ -> Conv(DQ(int8 weight, per-channel), float bias) -> y."""
-    inits = {"xs": np.float32(1 / 128), "xz": np.int8(0), "w": integers.astype(np.int8),
-             "ws": weight_scale.astype(np.float32), "wz": np.zeros(len(weight_scale), np.int8),
+def conv_with_bias(integers: np.ndarray, weight_scale: np.ndarray, bias: np.ndarray, offset: int = 0):
+    """x -> Q/DQ -> Conv(DQ(int8 weight, per-channel), float bias) -> y; ``offset`` 128: uint8 weights."""
+    dtype = np.uint8 if offset else np.int8
+    inits = {"xs": np.float32(1 / 128), "xz": np.int8(0), "w": (integers + offset).astype(dtype),
+             "ws": weight_scale.astype(np.float32), "wz": np.full(len(weight_scale), offset, dtype),
              "b": bias.astype(np.float32)}
     nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
@@ -51,22 +52,26 @@ def test_pruned_channel_bias_is_exact_not_saturated():
     np.testing.assert_allclose(run_ort(quantized, {"x": X})[0], after, atol=1e-5)
 
 
-def test_nearly_pruned_channel_gets_a_step_that_holds_its_bias():
+@pytest.mark.parametrize("offset", [0, 128])   # 128: weights stored as uint8 (weight range "unsigned")
+def test_nearly_pruned_channel_gets_a_step_that_holds_its_bias(offset):
     """Weights of 1e-8 (float residue of a pruned channel): the step is raised, the integers re-rounded on it."""
     scales = np.array([0.01, 1e-10, 0.02, 0.015])
     integers = _integers([])
     integers[1] = rng.integers(-100, 101, (4, 3, 3))
-    model = conv_with_bias(integers, scales, np.array([0.3, 2.5, -0.7, 0.1]))
+    model = conv_with_bias(integers, scales, np.array([0.3, 2.5, -0.7, 0.1]), offset)
     quantized, records = apply_passes(model, [QuantizeBias()])
     assert records[0].notes == ["1 biases stored as int32"]
     before, after = run_ort(model, {"x": X}, optimize=False)[0], run_ort(quantized, {"x": X}, optimize=False)[0]
     np.testing.assert_allclose(after, before, atol=8e-5)
     stored = {i.name: numpy_helper.to_array(i) for i in quantized.graph.initializer}
     widened = next(v for n, v in stored.items() if n.endswith("_integers_widened"))
+    assert widened.dtype == (np.uint8 if offset else np.int8)
+    widened = widened.astype(np.int64) - offset
     np.testing.assert_array_equal(widened[[0, 2, 3]], integers[[0, 2, 3]])
     assert np.abs(widened[1]).max() < np.abs(integers[1]).max()
     # the model given to the pass keeps its constants (a shared one is not changed under another node)
-    assert np.array_equal(numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w")), integers)
+    given = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w")).astype(np.int64)
+    assert np.array_equal(given - offset, integers)
 
 
 def test_bias_past_int32_on_a_per_tensor_weight_scale_stays_float():

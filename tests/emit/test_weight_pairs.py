@@ -28,16 +28,19 @@ U8 = activation_grid(8, signed=False)
 FULL = weight_grid(8)
 
 
-def _qdq_model(op: str, weight: np.ndarray, input_shape: list[int], out_scale: float, **attrs) -> onnx.ModelProto:
-    """u8 input (scale 1/255: an input of 1.0 is the integer 255) -> op with s8 weights -> u8 output."""
+def _qdq_model(op: str, weight: np.ndarray, input_shape: list[int], out_scale: float, offset: int = 0,
+               **attrs) -> onnx.ModelProto:
+    """u8 input (scale 1/255: an input of 1.0 is the integer 255) -> op with s8 weights -> u8 output;
+    ``offset`` 128: the weights stored as uint8 with that zero point instead."""
     channels = weight.shape[0] if op == "Conv" else weight.shape[0 if attrs.get("transB") else 1]
     axis = 0 if op == "Conv" or attrs.get("transB") else 1
+    dtype = np.uint8 if offset else np.int8
     initializers = [
         numpy_helper.from_array(np.array(1 / 255, np.float32), "x_scale"),
         numpy_helper.from_array(np.array(0, np.uint8), "x_zero"),
-        numpy_helper.from_array(weight.astype(np.int8), "w"),
+        numpy_helper.from_array((weight + offset).astype(dtype), "w"),
         numpy_helper.from_array(np.full(channels, 0.01, np.float32), "w_scale"),
-        numpy_helper.from_array(np.zeros(channels, np.int8), "w_zero"),
+        numpy_helper.from_array(np.full(channels, offset, dtype), "w_zero"),
         numpy_helper.from_array(np.array(out_scale, np.float32), "y_scale"),
         numpy_helper.from_array(np.array(128, np.uint8), "y_zero")]
     nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["xq"]),
@@ -51,14 +54,20 @@ def _qdq_model(op: str, weight: np.ndarray, input_shape: list[int], out_scale: f
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
-def _steps_apart(model: onnx.ModelProto, feed: np.ndarray, out_scale: float) -> float:
-    """Largest difference, in output steps, between onnxruntime's integer kernels and the QDQ graph."""
+def _steps_apart(model: onnx.ModelProto, feed: np.ndarray, out_scale: float, fused: list | None = None) -> float:
+    """Largest difference, in output steps, between onnxruntime's integer kernels and the QDQ graph;
+    ``fused`` gets the op types of the graph onnxruntime optimized."""
     outputs = []
     for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
         options = ort.SessionOptions()
         options.graph_optimization_level = level
+        if fused is not None and level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL:
+            options.optimized_model_filepath = str(fused.pop())
+            options.log_severity_level = 3
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         outputs.append(session.run(None, {"x": feed})[0])
+        if fused is not None and level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL:
+            fused.extend(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
     return float(np.abs(outputs[0] - outputs[1]).max() / out_scale)
 
 
@@ -94,6 +103,21 @@ def test_the_pair_order_is_onnxruntimes(op, shape, input_shape, attrs):
     assert _steps_apart(_qdq_model(op, held, input_shape, out_scale, **attrs), feed, out_scale) <= 1.0
     broken = _steps_apart(_qdq_model(op, weight, input_shape, out_scale, **attrs), feed, out_scale)
     assert (broken > 3.0) == host_saturates_u8s8()
+
+
+@pytest.mark.parametrize("op, shape, input_shape, attrs", CASES)
+def test_uint8_weights_take_kernels_that_do_not_saturate(op, shape, input_shape, attrs, tmp_path):
+    """The same full-range weights stored as uint8 with zero point 128 ("unsigned"): onnxruntime still
+    fuses the layer into its integer kernel, and computes what the QDQ graph says at every weight."""
+    weight = np.random.default_rng(0).integers(-127, 128, size=shape)
+    axis = 0 if op == "Conv" or attrs.get("transB") else 1
+    out_scale = 0.01 * np.abs(np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1).sum(axis=1)).max() / 100
+    feed = np.ones(input_shape, np.float32)
+    fused = [tmp_path / "optimized.onnx"]
+    assert _steps_apart(_qdq_model(op, weight, input_shape, out_scale, offset=128, **attrs), feed, out_scale,
+                        fused) <= 1.0
+    assert {"QLinearConv", "QLinearMatMul", "QGemm"} & set(fused), fused
+    assert fused.count("DequantizeLinear") == 1, fused   # the output's: the weight is not dequantized in float
 
 
 def test_depthwise_convs_sum_in_int32():
@@ -204,3 +228,38 @@ def test_paired_models_use_the_full_grid_and_say_so():
             pairs = PairLimit(128, conv_reduction_order(integers.shape))
             assert pairs_within(pairs.to_pairs(rows), 128), node.name
     assert reached == 127
+
+
+def test_unsigned_models_store_full_grid_gemm_weights_as_uint8_and_run_them_exactly():
+    calibration = structured_images(12, seed=5)
+    model = export_torch(MobileBlocksNet(), calibration[:1])
+    result = quantize_with_result(model, calibration, QuantConfig(weight_range="unsigned", fast=True))
+    notes = " ".join(note for record in result.passes if record.name == "weight_range" for note in record.notes)
+    assert "stored as uint8 with zero point 128" in notes and "held to [-64, 64]" not in notes
+    graph = gs.import_onnx(result.model)
+    storage, reached = {}, 0
+    for node in graph.nodes:
+        if node.op not in ("Conv", "Gemm", "MatMul") or not isinstance(node.inputs[1], gs.Variable):
+            continue
+        dequantize = node.inputs[1].inputs[0]
+        integers, zero_point = dequantize.inputs[0].values, dequantize.inputs[2].values
+        depthwise = integers.shape[1] == 1 and int(node.attrs.get("group", 1)) == integers.shape[0] > 1
+        storage[node.name] = (integers.dtype, depthwise)
+        assert np.all(zero_point == (0 if depthwise else 128)), node.name
+        reached = max(reached, int(np.abs(integers.astype(np.int64) - zero_point.reshape(
+            (-1,) + (1,) * (integers.ndim - 1))).max()))
+    assert {dtype for dtype, depthwise in storage.values() if not depthwise} == {np.dtype(np.uint8)}
+    assert {dtype for dtype, depthwise in storage.values() if depthwise} == {np.dtype(np.int8)}
+    assert reached == 127
+    rows = [row for row in result.layers if "weight_storage" in row]
+    assert any(row["weight_storage"] == "uint8 [1, 255] zero point 128" for row in rows)
+    # onnxruntime's fused integer kernels compute what the QDQ graph says (on a host that saturates
+    # u8 x s8 pairs too); every activation near its top is the case a saturating pair would miss
+    feed = {"x": np.clip(calibration[:4] * 4.0, -3.0, 3.0).astype(np.float32)}
+    outputs = []
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        session = ort.InferenceSession(result.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, feed)[0])
+    assert np.abs(outputs[0] - outputs[1]).max() <= 1e-3 * np.abs(outputs[0]).max()
