@@ -258,3 +258,53 @@ def test_step_floor_keeps_learned_steps_at_or_above_the_searched_ones(tiny):
     assert all(floored[name] >= searched[name] * (1 - 1e-6) for name in searched), (searched, floored)
     # a floor, not a freeze: steps may still grow (one does here, by a few 1e-4)
     assert any(floored[name] > searched[name] * 1.0001 for name in searched), (searched, floored)
+
+
+class _SoftmaxHead(torch.nn.Module):
+    """A conv trunk and a classifier over many classes whose probabilities are the model output."""
+
+    def __init__(self, reshaped: bool):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 300)
+        self.reshaped = reshaped
+
+    def forward(self, x):
+        features = torch.relu(self.c1(x)).mean(dim=(2, 3))
+        probabilities = torch.softmax(3.0 * self.fc(features), dim=-1)
+        return probabilities.reshape(-1, 30, 10) if self.reshaped else probabilities
+
+
+@pytest.mark.parametrize("reshaped", [False, True])   # True: the output is a Reshape of the Softmax
+def test_a_float_softmax_output_is_supervised_at_its_logits(monkeypatch, reshaped):
+    """Probabilities over 300 classes have a mean of 1/300: a loss on them weighs every unlikely class
+    alike. The block that ends in the model's Softmax learns on the Softmax input instead."""
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.onnx.export(_SoftmaxHead(reshaped).eval(), torch.randn(1, 3, 16, 16), buffer, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17,
+                      dynamo=False)
+    model = onnx.load_from_string(buffer.getvalue())
+    supervised, original = [], learn._BlockData.__init__
+
+    def record(data, inputs, outputs, cache, targets, loss):
+        supervised.append(list(outputs))
+        original(data, inputs, outputs, cache, targets, loss)
+    monkeypatch.setattr(learn._BlockData, "__init__", record)
+    passes, original_pass = [], ReconstructBlocks.__call__
+
+    def spy(instance, graph):
+        softmax = next(node for node in graph.nodes if node.op == "Softmax")
+        passes.append((instance, softmax.inputs[0].name, softmax.outputs[0].name))
+        return original_pass(instance, graph)
+    monkeypatch.setattr(ReconstructBlocks, "__call__", spy)
+    result = quantize_with_result(model, CALIBRATION, QuantConfig(fast=False, reconstruction=ReconstructionConfig(
+        iterations=20)))
+    instance, logits, probabilities = passes[0]
+    assert (probabilities == "y") != reshaped
+    assert [logits] in supervised and not any("y" in names for names in supervised), supervised
+    last = instance.reports[-1]
+    assert np.isfinite(last.learned_loss) and last.learned_loss <= last.nearest_loss
+    reference = run_ort(model, HELD_OUT)["y"].reshape(len(HELD_OUT["x"]), -1)
+    quantized = run_ort(result.model, HELD_OUT)["y"].reshape(reference.shape)
+    assert np.mean(np.argmax(quantized, -1) == np.argmax(reference, -1)) > 0.8
