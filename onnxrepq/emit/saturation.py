@@ -10,8 +10,8 @@ QLinearConv; with 7-bit weights both read 28.1 dB. onnxruntime's own quantizer c
 "paired" (search/weight_pairs.py) keeps the full grid and limits only the pairs that add up, and
 "unsigned" keeps the full grid and stores it as uint8 with zero point 128: MLAS then takes its
 u8 x u8 kernels, which widen to int16 before multiplying and add in int32, exact at any weight
-(tests/emit/test_weight_pairs.py). They are slower than u8 x s8: PP-OCRv4 rec ran 1.24x faster than
-FP32 against 1.55x with int8 weights (BENCHMARKS.md, session 14).
+(tests/emit/test_weight_pairs.py). They are slower than u8 x s8: 1.25x the latency on PP-OCRv4 rec,
+1.3x on det, 1.7x on the zoo's RepVGG (BENCHMARKS.md, session 14), so "auto" does not pick them.
 VNNI (``vpdpbusd``) accumulates in int32 and needs nothing of the sort, and neither do ARM's
 dot-product kernels or TensorRT.
 """
