@@ -206,11 +206,17 @@ def test_which_layers_get_a_pair_limit():
     assert is_depthwise(conv)
 
 
-def test_paired_models_use_the_full_grid_and_say_so():
+def _mobile_net_at(weight_range: str):
+    """(calibration images, the fast result, the weight-range pass notes) for MobileBlocksNet."""
     calibration = structured_images(12, seed=5)
     model = export_torch(MobileBlocksNet(), calibration[:1])
-    result = quantize_with_result(model, calibration, QuantConfig(weight_range="paired", fast=True))
+    result = quantize_with_result(model, calibration, QuantConfig(weight_range=weight_range, fast=True))
     notes = " ".join(note for record in result.passes if record.name == "weight_range" for note in record.notes)
+    return calibration, result, notes
+
+
+def test_paired_models_use_the_full_grid_and_say_so():
+    _, result, notes = _mobile_net_at("paired")
     assert "full 8-bit grid" in notes and "held to [-64, 64]" not in notes
     assert {row["weight_bits"] for row in result.layers if "weight_bits" in row} == {8}
     graph = gs.import_onnx(result.model)
@@ -231,10 +237,7 @@ def test_paired_models_use_the_full_grid_and_say_so():
 
 
 def test_unsigned_models_store_full_grid_gemm_weights_as_uint8_and_run_them_exactly():
-    calibration = structured_images(12, seed=5)
-    model = export_torch(MobileBlocksNet(), calibration[:1])
-    result = quantize_with_result(model, calibration, QuantConfig(weight_range="unsigned", fast=True))
-    notes = " ".join(note for record in result.passes if record.name == "weight_range" for note in record.notes)
+    calibration, result, notes = _mobile_net_at("unsigned")
     assert "stored as uint8 with zero point 128" in notes and "held to [-64, 64]" not in notes
     graph = gs.import_onnx(result.model)
     storage, reached = {}, 0
