@@ -411,11 +411,45 @@ def _activation_shift(values: np.ndarray, target: np.ndarray, activation: gs.Nod
     inside = (target > low + tolerance) & (target < high - tolerance)
     spread = values.max(axis=1) - values.min(axis=1) + np.abs(target) + 1e-6
     lower, upper = -spread - np.abs(values).max(axis=1), spread + np.abs(values).max(axis=1)
+    clipped_mean = _ClippedMean(values, low, high)
     for _ in range(48):
         middle = (lower + upper) / 2
-        reached = np.clip(values + middle[:, None], low, high).mean(axis=1) >= target
+        reached = clipped_mean(middle) >= target
         upper, lower = np.where(reached, middle, upper), np.where(reached, lower, middle)
     return np.where(inside, upper, layer_shift)
+
+
+class _ClippedMean:
+    """mean(clip(values + d, low, high)) per channel row, for a shift d per row, from the sorted rows
+    and their running sums: each evaluation is a binary search per row instead of a pass over every
+    value, so the bisection above costs next to nothing whatever the number of values."""
+
+    def __init__(self, values: np.ndarray, low: float, high: float):
+        self.sorted = np.sort(values, axis=1)
+        self.sums = np.concatenate([np.zeros((len(values), 1)), np.cumsum(self.sorted, axis=1)], axis=1)
+        self.low, self.high = low, high
+
+    def _count_below(self, bound: np.ndarray) -> np.ndarray:
+        """Per row, how many sorted values lie below ``bound`` (a vectorised binary search)."""
+        lo, hi = np.zeros(len(bound), np.int64), np.full(len(bound), self.sorted.shape[1], np.int64)
+        rows = np.arange(len(bound))
+        while np.any(lo < hi):
+            middle = (lo + hi) // 2
+            below = self.sorted[rows, np.minimum(middle, self.sorted.shape[1] - 1)] < bound
+            below &= lo < hi
+            lo, hi = np.where(below, middle + 1, lo), np.where(below | (lo >= hi), hi, middle)
+        return lo
+
+    def __call__(self, shift: np.ndarray) -> np.ndarray:
+        count = self.sorted.shape[1]
+        rows = np.arange(len(shift))
+        first = self._count_below(self.low - shift) if np.isfinite(self.low) else np.zeros(len(shift), np.int64)
+        last = self._count_below(self.high - shift) if np.isfinite(self.high) else np.full(len(shift), count)
+        last = np.maximum(last, first)
+        middle = self.sums[rows, last] - self.sums[rows, first] + shift * (last - first)
+        total = middle + (self.low * first if np.isfinite(self.low) else 0.0) \
+            + (self.high * (count - last) if np.isfinite(self.high) else 0.0)
+        return total / count
 
 
 def _add_to_bias(layer: _Layer, shift: np.ndarray) -> bool:

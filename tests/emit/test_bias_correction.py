@@ -11,7 +11,7 @@ from onnxrepq import cli
 from onnxrepq.api import quantize_with_result
 from onnxrepq.config import BiasCorrectionConfig, QuantConfig, ReconstructionConfig
 from onnxrepq.emit import bias_correction
-from onnxrepq.emit.bias_correction import CorrectBias
+from onnxrepq.emit.bias_correction import CorrectBias, _ClippedMean
 from onnxrepq.errors import UserError
 from tests.models_for_tests import make_model, run_ort, sqnr_db
 
@@ -244,3 +244,17 @@ def test_clip_activations_are_matched_after_their_bounds():
     reference = run_ort(model, {"x": HELD_OUT})[0]
     assert sqnr_db(reference, run_ort(corrected.model, {"x": HELD_OUT})[0]) > \
         sqnr_db(reference, run_ort(plain.model, {"x": HELD_OUT})[0])
+
+
+@pytest.mark.parametrize("low, high", [(0.0, np.inf), (0.0, 6.0), (-np.inf, np.inf), (-1.0, 1.0)])
+def test_the_clipped_mean_from_sorted_values_is_the_direct_one(low, high):
+    """The bisection for the post-activation shift evaluates mean(clip(v + d)) from sorted values and
+    running sums; it must give what a pass over every value gives, for Relu, Relu6, no clip and Clip."""
+    generator = np.random.default_rng(3)
+    values = generator.standard_normal((40, 2000)) * generator.uniform(0.1, 3.0, (40, 1))
+    values[0] = 0.5                                    # ties: every value equal
+    clipped_mean = _ClippedMean(values, low, high)
+    for _ in range(6):
+        shift = generator.normal(0.0, 2.0, 40)
+        direct = np.clip(values + shift[:, None], low, high).mean(axis=1)
+        np.testing.assert_allclose(clipped_mean(shift), direct, rtol=1e-9, atol=1e-9)
