@@ -280,7 +280,8 @@ def _quantized_stats(pieces: "_Pieces", index: int, layers: list[_Layer], use_ac
             sums[layer.output.name].append(rows.sum(axis=1, dtype=np.float64))
             if use_activation and layer.activation is not None:
                 picked = generator.choice(rows.shape[1], min(per_feed, rows.shape[1]), replace=False)
-                samples[layer.output.name].append(rows[:, picked].astype(np.float32))   # 32768 a channel: half the memory
+                # float32: 32768 values a channel, half the memory of float64 (sums stay float64)
+                samples[layer.output.name].append(rows[:, picked].astype(np.float32))
         update()
     return {name: (np.stack(sums[name]), np.concatenate(samples[name], axis=1) if samples[name] else None)
             for name in names}
@@ -434,11 +435,10 @@ class _ClippedMean:
         """Per row, how many sorted values lie below ``bound`` (a vectorised binary search)."""
         lo, hi = np.zeros(len(bound), np.int64), np.full(len(bound), self.sorted.shape[1], np.int64)
         rows = np.arange(len(bound))
-        while np.any(lo < hi):
-            middle = (lo + hi) // 2
-            below = self.sorted[rows, np.minimum(middle, self.sorted.shape[1] - 1)] < bound
-            below &= lo < hi
-            lo, hi = np.where(below, middle + 1, lo), np.where(below | (lo >= hi), hi, middle)
+        while np.any(active := lo < hi):
+            middle = np.minimum((lo + hi) // 2, self.sorted.shape[1] - 1)
+            below = self.sorted[rows, middle] < bound
+            lo, hi = np.where(active & below, middle + 1, lo), np.where(active & ~below, middle, hi)
         return lo
 
     def __call__(self, shift: np.ndarray) -> np.ndarray:

@@ -118,7 +118,8 @@ def offset_encoding(values: np.ndarray, dtype) -> Optional[tuple[np.ndarray, np.
 
 
 def _layer_output(tensor: gs.Tensor) -> bool:
-    """The tensor is a MatMul/Gemm/Conv output behind QuantizeLinear -> DequantizeLinear: its added constant is a bias."""
+    """The tensor is a MatMul/Gemm/Conv output behind QuantizeLinear -> DequantizeLinear: its added
+    constant is a bias."""
     node = producer(tensor)
     for _ in range(2):
         if node is None or node.op not in ("DequantizeLinear", "QuantizeLinear"):

@@ -182,7 +182,8 @@ class Pair(NamedTuple):
     ``x * clip(conv(x))`` after passes/hard_gates.py): their weights take the scale back, so the
     gate is unchanged and the product is scaled. ``offsets`` are Add/Sub nodes with a constant
     (a learnable affine after an activation, PP-LCNetV3's LAB): their constant is divided per
-    channel (each held as (node, index of the constant)). ``absorbable``: the path is a single Relu/PRelu, where high-bias absorption holds.
+    channel (each held as (node, index of the constant)). ``absorbable``: the path is a single
+    Relu/PRelu, where high-bias absorption holds.
     """
     first: gs.Node
     second: gs.Node
@@ -225,7 +226,8 @@ def _pair_after(graph: gs.Graph, first: gs.Node) -> Optional[Pair]:
             break
         if _homogeneous(node):
             pass
-        elif node.op in ("Mul", "Div", "Add", "Sub") and (index := _constant_index(node, tensor, channels, rank)) is not None:
+        elif (node.op in ("Mul", "Div", "Add", "Sub")
+              and (index := _constant_index(node, tensor, channels, rank)) is not None):
             if node.op in ("Add", "Sub"):
                 offsets.append((node, index))
         else:

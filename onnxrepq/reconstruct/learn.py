@@ -36,6 +36,7 @@ import onnxruntime as ort
 import torch
 
 from ..config import ReconstructionConfig
+from ..graph.patterns import producer
 from ..passes.base import PassResult
 from ..progress import Progress
 from ..search.quant_grid import IntGrid
@@ -98,8 +99,8 @@ class ReconstructBlocks:
         floats = _FloatModel(self.float_model)
         with _deterministic(self.seed):
             for number, stage in enumerate(stages):
-                wanted = [_comparable(graph, b.outputs) + b.inputs for b in stage.blocks]
-                targets = floats.run(self.feeds, {n for names in wanted for n in names})
+                wanted = _comparable(graph, [n for b in stage.blocks for n in b.outputs])
+                targets = floats.run(self.feeds, {*wanted, *(n for b in stage.blocks for n in b.inputs)})
                 frozen_before = set(frozen)
                 for block in stage.blocks:
                     missing = missing_ops(select_nodes(graph, block.inputs, block.outputs))
@@ -215,9 +216,9 @@ def _comparable(graph: gs.Graph, outputs: Sequence[str]) -> list[str]:
 def _logits(tensor: gs.Tensor):
     """The input of the Softmax that gives ``tensor`` (through reshapes: opset conversion wraps a
     Softmax over a 3-D tensor in a pair of them), or None."""
-    source = tensor.inputs[0] if tensor.inputs else None
-    while source is not None and source.op in _RESHAPES and source.inputs[0].inputs:
-        source = source.inputs[0].inputs[0]
+    source = producer(tensor)
+    while source is not None and source.op in _RESHAPES:
+        source = producer(source.inputs[0])
     if source is not None and source.op in _NORMALIZERS and isinstance(source.inputs[0], gs.Variable):
         return source.inputs[0].name
     return None
