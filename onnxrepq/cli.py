@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="per-channel k-means codebooks of 2^wbits int8 entries instead of the uniform grid"
                           " (needs --fast)")
     quantize.add_argument("--reconstruct", action="store_true",
-                          help="block-wise reconstruction (AdaRound, LSQ steps, MAE loss; the QPR affine is a"
+                          help="block-wise reconstruction (AdaRound, LSQ steps, MAE loss at 8 bits, MSE below; the QPR affine is a"
                           " config-file option): the default")
     quantize.add_argument("--calib-samples", type=int, default=None, help="use at most this many samples")
     quantize.add_argument("--budget-size", type=float, default=None, metavar="MB",

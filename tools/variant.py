@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: make `tools` importable from t
     sys.path.insert(0, REPO_ROOT)
 
 import numpy as np  # noqa: E402
+import onnx  # noqa: E402
 
 from onnxrepq.api import quantize_with_result  # noqa: E402
 from onnxrepq.config import QuantConfig, ReconstructionConfig  # noqa: E402
@@ -84,6 +85,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--calib", type=int, default=None, help="calibration samples (default: the bench's)")
     parser.add_argument("--zoo-eval", type=int, default=None, help="zoo test images (default: all)")
     parser.add_argument("--out", default="variants.jsonl")
+    parser.add_argument("--save", default=None, help="also write the quantized model here (for later probes)")
     parser.add_argument("changes", nargs="*", metavar="FIELD=VALUE")
     return parser.parse_intermixed_args(argv)   # FIELD=VALUE may follow --seed and --out
 
@@ -102,6 +104,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     model = quantize_with_result(task.model_path, task.calibration, config).model
     seconds = time.perf_counter() - started
+    if args.save:
+        onnx.save(model, args.save)
     reference, output = run_model(task.model_path, task), run_model(model, task)
     row = {"task": args.task, "name": args.name, "seed": args.seed, "changes": args.changes,
            "quantize_s": round(seconds, 1), "sqnr_db": round(float(metrics.sqnr_db(reference, output)), 2),

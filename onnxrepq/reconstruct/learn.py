@@ -79,8 +79,9 @@ class ReconstructBlocks:
 
     def __init__(self, float_model: onnx.ModelProto, feeds: Sequence[Feed], weight_grid: IntGrid,
                  config: ReconstructionConfig = ReconstructionConfig(), seed: int = 0, progress: bool = False,
-                 layer_grids: Mapping[str, IntGrid] = {}):
+                 layer_grids: Mapping[str, IntGrid] = {}, narrowest_bits: int = 8):
         self.float_model = float_model
+        self.loss = config.loss_for(narrowest_bits)   # "auto" decided by the narrowest nominal width
         self.feeds = [{name: np.asarray(value) for name, value in feed.items()} for feed in feeds]
         self.weight_grid = weight_grid
         self.layer_grids = dict(layer_grids)   # layer node name -> its weight grid, where it is not weight_grid
@@ -124,7 +125,7 @@ class ReconstructBlocks:
         graph.cleanup().toposort()
         before = np.nanmean([r.nearest_loss for r in self.reports]) if self.reports else 0.0
         after = np.nanmean([r.learned_loss for r in self.reports]) if self.reports else 0.0
-        notes = [f"{len(self.reports)} blocks in {len(stages)} stages; mean relative block loss"
+        notes = [f"{len(self.reports)} blocks in {len(stages)} stages; mean relative block {self.loss.upper()}"
                  f" {before:.4g} with nearest rounding -> {after:.4g} learned"]
         if self.unlearned:
             notes.append(self.unlearned_note())
@@ -148,7 +149,7 @@ class ReconstructBlocks:
                                      layer_grids=self.layer_grids, step_floor=config.activation_step_floor)
         if not supervised:
             return quantizers, (float("nan"), float("nan"))
-        data = _BlockData(inputs, supervised, cache, targets, config.loss)
+        data = _BlockData(inputs, supervised, cache, targets, self.loss)
         evaluate = lambda: data.loss(module, quantizers.overrides(hard=True), range(len(self.feeds)))  # noqa: E731
         with torch.no_grad():
             nearest = evaluate()

@@ -169,6 +169,21 @@ def test_options_run_and_stay_valid(tiny, options):
     assert np.isfinite(output).all() and output.shape == (64, 8, 8, 8)
 
 
+@pytest.mark.parametrize("settings, loss", [
+    ({}, "MAE"),
+    ({"weight_bits": 4}, "MSE"),
+    ({"activation_bits": 6}, "MSE"),
+    ({"overrides": (NodeOverride("Conv", weight_bits=6),)}, "MSE"),
+    ({"weight_bits": 4, "loss": "mae"}, "MAE"),
+])
+def test_auto_loss_is_mse_where_a_grid_is_under_8_bits(tiny, settings, loss):
+    settings = dict(settings)
+    reconstruction = ReconstructionConfig(iterations=2, loss=settings.pop("loss", "auto"))
+    result = quantize_with_result(tiny, CALIBRATION, QuantConfig(reconstruction=reconstruction, **settings))
+    notes = next(record.notes for record in result.passes if record.name == ReconstructBlocks.name)
+    assert f"mean relative block {loss} " in notes[0]
+
+
 def test_float_name_strips_the_qdq_suffixes():
     assert float_name("/a/Relu_output_0_dequantized_12") == "/a/Relu_output_0"
     assert float_name("x_quantized") == "x"

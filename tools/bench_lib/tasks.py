@@ -95,7 +95,9 @@ def rec_task(sizes: Sizes) -> Task | None:
         # helps), and 500 lines put about 2 points of noise on a difference of exact match.
         return {"exact_match": metrics.exact_match(predictions, labels),
                 "cer": metrics.character_error_rate(predictions, labels),
-                "agree_fp32": metrics.exact_match(predictions, fp32)}
+                "agree_fp32": metrics.exact_match(predictions, fp32),
+                # the lean itself: characters a line read beyond FP32's reading (negative: toward blank)
+                "chars_vs_fp32": float(np.mean([len(p) - len(f) for p, f in zip(predictions, fp32)]))}
 
     return single_input_task("ppocrv4-rec", path, calib_images, eval_images, score, "exact_match")
 
