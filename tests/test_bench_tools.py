@@ -208,7 +208,8 @@ def test_ablate_reconstruction_variants_pick_columns():
     assert ablate.chosen_settings("") == ablate.SETTINGS
     assert ablate.chosen_settings("base,affine") == {(8, 8): ["base", "affine"], (4, 8): ["base", "affine"],
                                                      (6, 6): ["base", "affine"]}
-    assert ablate.chosen_settings("mse") == {(8, 8): ["mse"], (4, 8): ["mse"]}
+    # base is MAE at W8A8 and MSE below, so each setting runs the other loss as its ablation
+    assert ablate.chosen_settings("mse,mae") == {(8, 8): ["mse"], (4, 8): ["mae"], (6, 6): ["mae"]}
     with pytest.raises(SystemExit, match="unknown variants: joint"):
         ablate.chosen_settings("joint")
     # every variant's changes are fields the config takes, with values it accepts (as a recipe file checks them)
