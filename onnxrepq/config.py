@@ -177,7 +177,8 @@ class QuantConfig:
     # Off (BENCHMARKS.md): the zoo has no outlier channels (models unchanged); on PP-OCRv4 rec it
     # lost 0.8 dB output SQNR and 3.5 points exact match (11.5 -> 10.7 dB, 0.665 -> 0.630), as
     # 8-bit MSE already keeps most such channels and the wider grid costs the rest. It pays where
-    # the search clips a channel the output reads: +6.5 dB with MAE, +2.0 dB at 4-bit activations (+0.8 after an MSE reconstruction).
+    # the search clips a channel the output reads: +6.5 dB with MAE, +2.0 dB at 4-bit activations
+    # (+0.8 after an MSE reconstruction).
     outlier_aware_ranges: bool = False
     # Op types or node names kept in float whatever the planner would do.
     keep_float: tuple[str, ...] = ()
