@@ -73,9 +73,10 @@ class ReconstructionConfig:
     stage_iterations: int = 50
     qdrop: float = 0.0               # probability of taking an input element from the float model
     # "auto": MAE (RepAPQ) where every weight and activation is on an 8-bit grid, MSE below. Measured
-    # (BENCHMARKS.md, session 15): PP-OCRv4 rec W4A8 exact match 0.368 with MAE against 0.586 with MSE
-    # (9.18 dB against 11.57), W6A6 0.160 against 0.230, the classifier W4A8 +0.6 dB, W6A6 -0.5 dB, the
-    # zoo below 8 bits within noise; at 8 bits the two read alike on rec and the classifier.
+    # (BENCHMARKS.md, session 15): PP-OCRv4 rec W4A8 exact match 0.368 / 0.416 (seeds 0 / 1) with MAE
+    # against 0.586 / 0.430 with MSE (9.18 / 10.27 dB against 11.57 / 10.64), W6A6 0.160 against 0.230,
+    # the classifier W4A8 +0.6 dB, W6A6 -0.5 dB, the zoo below 8 bits within noise; at 8 bits the two
+    # read alike on rec and the classifier.
     loss: Literal["auto", "mae", "mse"] = "auto"
 
     def loss_for(self, narrowest_bits: int) -> str:
