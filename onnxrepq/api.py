@@ -294,8 +294,8 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
     notices = []
     reconstruct = [] if config.fast else [ReconstructBlocks(normalized, list(calibration_data), wgrid,
                                                             config.reconstruction, config.seed, progress,
-                                                            layer_grids,
-                                                            min(config.activation_bits, *widths.values(), 8))]
+                                                            layer_grids, narrowest_bits=min(
+                                                                config.activation_bits, *widths.values(), 8))]
     started = time.perf_counter()
     weight_inputs = {slot.node: slot.input_index for slot in plan.weights}
     clustering = [ClusterWeights(codebooks, weight_inputs)] if codebooks else []

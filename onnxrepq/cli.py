@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="per-channel k-means codebooks of 2^wbits int8 entries instead of the uniform grid"
                           " (needs --fast)")
     quantize.add_argument("--reconstruct", action="store_true",
-                          help="block-wise reconstruction (AdaRound, LSQ steps, MAE loss at 8 bits, MSE below; the QPR affine is a"
-                          " config-file option): the default")
+                          help="block-wise reconstruction (AdaRound, LSQ steps, MAE loss at 8 bits, MSE below;"
+                          " the QPR affine is a config-file option): the default")
     quantize.add_argument("--calib-samples", type=int, default=None, help="use at most this many samples")
     quantize.add_argument("--budget-size", type=float, default=None, metavar="MB",
                           help="mixed precision: per-layer weight widths so that weights take at most MB"

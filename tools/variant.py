@@ -29,10 +29,10 @@ if __package__ in (None, ""):  # run as a script: make `tools` importable from t
     sys.path.insert(0, REPO_ROOT)
 
 import numpy as np  # noqa: E402
-import onnx  # noqa: E402
 
 from onnxrepq.api import quantize_with_result  # noqa: E402
 from onnxrepq.config import QuantConfig, ReconstructionConfig  # noqa: E402
+from onnxrepq.graph.io import save_model_atomic  # noqa: E402
 from tools.bench_lib import metrics, runtime, tasks  # noqa: E402
 
 TASKS = {"rec": tasks.rec_task, "cls": tasks.cls_task, "det": tasks.det_task, "ddddocr": tasks.lstm_rec_task}
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     model = quantize_with_result(task.model_path, task.calibration, config).model
     seconds = time.perf_counter() - started
     if args.save:
-        onnx.save(model, args.save)
+        save_model_atomic(model, args.save)
     reference, output = run_model(task.model_path, task), run_model(model, task)
     row = {"task": args.task, "name": args.name, "seed": args.seed, "changes": args.changes,
            "quantize_s": round(seconds, 1), "sqnr_db": round(float(metrics.sqnr_db(reference, output)), 2),
