@@ -1,10 +1,11 @@
 """Where Q/DQ pairs go: which activations are quantized, which weights, and which share params.
 
 The plan is demand-driven. A tensor is quantized when an integer kernel needs it: the inputs
-and (activation-absorbed) outputs of anchor ops (Conv, Gemm, MatMul), then, to a fixed point,
-the outputs of integer-capable ops whose inputs are all quantized and whose result feeds another
-integer op. Nothing else is touched, so float-only regions (layer norms, softmax, heads) keep
-full precision instead of paying a Q/DQ round trip that buys no kernel.
+and (activation-absorbed) outputs of anchor ops (Conv, Gemm, MatMul; the output only where the
+anchor's kernel needs it or an integer op reads it), then, to a fixed point, the outputs of
+integer-capable ops whose inputs are all quantized and whose result an integer op reads, directly
+or through data-movement ops. Nothing else is touched, so float-only regions (layer norms,
+softmax, heads) keep full precision instead of paying a Q/DQ round trip that buys no kernel.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ def plan_quantization(graph: gs.Graph, rules: TargetRules, float_tensors: set[st
     """
     plan = QuantPlan(weight_only=frozenset(weight_only))
     quantized: dict[str, None] = {}  # ordered set
+    reaches: dict[str, bool] = {}    # memo of _reaches_integer_op: it depends on the graph and rules only
 
     def mark(tensor: gs.Tensor) -> None:
         if tensor.name in float_tensors and not isinstance(tensor, gs.Constant):
@@ -80,7 +82,9 @@ def plan_quantization(graph: gs.Graph, rules: TargetRules, float_tensors: set[st
         for tensor in activations:
             mark(tensor)
         output = _absorbed_output(graph, node, rules)
-        if rules.quantize_anchor_outputs and not is_graph_output(output, graph):
+        if rules.quantize_anchor_outputs and not is_graph_output(output, graph) and (
+                node.op not in rules.float_output_anchors
+                or _reaches_integer_op(output, graph, rules, keep_float, plan.weight_only, reaches)):
             mark(output)
         anchors_done.add(node.name)
     if rules.quantize_residual_inputs:
@@ -97,8 +101,8 @@ def plan_quantization(graph: gs.Graph, rules: TargetRules, float_tensors: set[st
             inputs = [t for t in node.inputs if not isinstance(t, gs.Constant) and t.name]
             if not inputs or any(t.name not in float_tensors for t in [output, *inputs]):
                 continue
-            if is_graph_output(output, graph) or not _feeds_integer_op(
-                    output, rules, quantized, keep_float, plan.weight_only):
+            if is_graph_output(output, graph) or not _reaches_integer_op(
+                    output, graph, rules, keep_float, plan.weight_only, reaches):
                 continue
             pending = [t for t in inputs if t.name not in quantized]
             if pending and not (node.op in rules.int8_ops and all(
@@ -116,14 +120,21 @@ def plan_quantization(graph: gs.Graph, rules: TargetRules, float_tensors: set[st
     return plan
 
 
-def _feeds_integer_op(tensor: gs.Tensor, rules: TargetRules, quantized, keep_float,
-                      weight_only: frozenset[str] = frozenset()) -> bool:
-    for consumer in tensor.outputs:
-        if _kept_float(consumer, keep_float) or consumer.name in weight_only:
-            continue
-        if consumer.op in rules.anchors or consumer.op in rules.int8_ops or consumer.op in rules.passthrough_ops:
-            return True
-    return False
+def _reaches_integer_op(tensor: gs.Tensor, graph: gs.Graph, rules: TargetRules, keep_float,
+                        weight_only: frozenset[str], memo: dict[str, bool]) -> bool:
+    """Whether an integer kernel would read ``tensor`` quantized: an anchor directly, or an int8 or
+    data-movement op whose own output gets to one. A chain that ends in float ops (a Softmax, a
+    graph output) buys no kernel, only a rounding (the logits of a recognizer, behind a Flatten)."""
+    if tensor.name not in memo:
+        memo[tensor.name] = False    # a graph is acyclic; this only stops a malformed one looping
+        memo[tensor.name] = any(
+            consumer.op in rules.anchors
+            or (consumer.op in rules.int8_ops or consumer.op in rules.passthrough_ops)
+            and len(consumer.outputs) == 1 and not is_graph_output(consumer.outputs[0], graph)
+            and _reaches_integer_op(consumer.outputs[0], graph, rules, keep_float, weight_only, memo)
+            for consumer in tensor.outputs
+            if not _kept_float(consumer, keep_float) and consumer.name not in weight_only)
+    return memo[tensor.name]
 
 
 def _float_activation_output(tensor: gs.Tensor, graph: gs.Graph, rules: TargetRules, quantized, keep_float) -> bool:

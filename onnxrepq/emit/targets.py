@@ -3,7 +3,8 @@
 onnxruntime CPU (its QDQ selectors, onnxruntime/core/optimizer/qdq_transformer/selectors_actions):
 - DQ -> Conv -> Q with per-channel axis-0 int8 weights becomes QLinearConv (u8 or s8 activations).
 - DQ -> Gemm -> (Q) becomes QGemm, with or without the output Q.
-- DQ -> MatMul with a per-column (axis 1) int8 weight becomes QLinearMatMul, MatMulIntegerToFloat without Q.
+- DQ -> MatMul with a per-column (axis 1) int8 weight becomes QLinearMatMul, MatMulIntegerToFloat without Q;
+  so does a MatMul of two quantized activations.
 - DQ -> {Add, Mul} -> Q become QLinearAdd / QLinearMul.
 - MaxPool, Reshape, Transpose between DQ and Q with equal scale and zero point run on uint8 (the
   pair is dropped); with different params they stay float between DQ and Q.
@@ -45,6 +46,11 @@ class TargetRules:
     symmetric_activations: bool
     # Quantize an anchor's output: QLinearConv needs the Q after the conv; TensorRT does not.
     quantize_anchor_outputs: bool = True
+    # Anchors whose integer kernel also writes float (QGemm, MatMulIntegerToFloat): their output is
+    # quantized only where an integer op reads it. A network's last MatMul feeding its Softmax
+    # otherwise rounds the logits to the activation grid: on PP-OCRv4 rec at W6A6 that cost 8 points
+    # of exact match (BENCHMARKS.md, session 16), at no gain in speed.
+    float_output_anchors: frozenset[str] = frozenset()
     # Quantize the identity input of an Add fed by a quantized conv (TensorRT's residual fusion).
     quantize_residual_inputs: bool = False
     # Store biases as int32 behind a DequantizeLinear (QLinearConv/QGemm); TensorRT wants float.
@@ -76,6 +82,7 @@ ORT_CPU = TargetRules(
     absorbed_activations=frozenset({"Relu", "Clip"}),
     signed_activations=False,
     symmetric_activations=False,
+    float_output_anchors=frozenset({"Gemm", "MatMul"}),
     weight_only_int4=frozenset({"MatMul", "Gemm"}),   # MatMulNBits; no int4 Conv kernel
     quantize_constant_operands=True,
     hard_gates_as_conv=True,

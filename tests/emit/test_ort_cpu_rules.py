@@ -7,7 +7,7 @@ optimized graph (ORT_ENABLE_ALL) keeps. Findings on onnxruntime 1.32 worth remem
   is no longer needed on this version, only harmless;
 - Gemm with a DQ weight and a float output still becomes QGemm (float output variant);
 - MatMul with a constant int8 weight per-column (axis=1) becomes QLinearMatMul with an output Q
-  and MatMulIntegerToFloat without one;
+  and MatMulIntegerToFloat without one, and so does a MatMul of two quantized activations;
 - ConvTranspose stays float whatever the weight layout (per-channel axis 0 or 1, per-tensor);
 - HardSwish and HardSigmoid have no integer kernel: they stay float between DQ and Q
   (HardSwish is run as HardSigmoid + Mul).
@@ -152,6 +152,15 @@ def test_gemm_with_dq_weight_becomes_qgemm_with_or_without_output_q(output_q):
 @pytest.mark.parametrize("output_q, kernel", [(True, "QLinearMatMul"), (False, "MatMulIntegerToFloat")])
 def test_matmul_with_per_column_int8_weight(output_q, kernel):
     ops = dense("MatMul", output_q, axis=1)
+    assert ops[kernel] == 1 and ops["MatMul"] == 0
+
+
+@pytest.mark.parametrize("output_q, kernel", [(True, "QLinearMatMul"), (False, "MatMulIntegerToFloat")])
+def test_matmul_of_two_quantized_activations(output_q, kernel):
+    """Attention's Q x K^T: no constant weight, and still an integer kernel with or without the output Q."""
+    nodes = [*qdq("x", "xd"), *qdq("z", "zd"), helper.make_node("MatMul", ["xd", "zd"], ["mm" if output_q else "y"]),
+             *(qdq("mm", "y") if output_q else [])]
+    ops = optimized_ops(nodes, activation_params(), {"x": [2, 4, 16], "z": [2, 16, 4]})
     assert ops[kernel] == 1 and ops["MatMul"] == 0
 
 
