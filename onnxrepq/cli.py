@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--outlier-ranges", action=argparse.BooleanOptionalAction, default=None,
                           help="activation ranges reach the outlier channels' median-sample extremes")
     quantize.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
-                          help="move each layer's mean output shift into its bias, measured on the calibration data")
+                          help="move each layer's mean output shift into its bias, measured on the calibration data"
+                               " (default: on with --fast only)")
     quantize.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
                           help="calibration images are resized to H x W (default: the model's input size)")
     quantize.add_argument("--image-mean", type=float, nargs="+", metavar="M", help="per-channel mean after 1/255")

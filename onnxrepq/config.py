@@ -96,8 +96,13 @@ class BiasCorrectionConfig:
     max_bands: int = 0
     # Where the float and quantized means are matched: at the layer output, or after the Relu/Clip
     # that is its only consumer (noise around zero raises a Relu's mean even when the
-    # pre-activation mean is right). "activation": up to 3.4 dB better on the zoo at 4-bit weights.
-    measure: Literal["layer", "activation"] = "activation"
+    # pre-activation mean is right). "activation": up to 3.4 dB better on the zoo at 4-bit weights
+    # with the scale search alone. "auto": "activation" after the scale search alone, "layer" after
+    # reconstruction, whose MAE loss matches each block's medians and leaves its means shifted: on
+    # PP-OCRv4 rec (BENCHMARKS.md, session 16) exact / CER 0.708 / 0.178 and 0.694 / 0.182 at seeds
+    # 0 / 1 (0.694 / 0.188 without); measured after the activations it had cost rec 2 to 3 points
+    # of exact match (session 14, on another host).
+    measure: Literal["auto", "layer", "activation"] = "auto"
     # Quantized values drawn per channel to solve the post-activation shift. 4096 left PP-OCRv4 rec `--fast`
     # 2.5 dB apart between seeds (15.29 / 12.81 / 14.45); 32768: 15.18 / 15.11 / 15.51 (BENCHMARKS.md, session 14).
     values_per_channel: int = 32768
@@ -105,8 +110,14 @@ class BiasCorrectionConfig:
     def __post_init__(self) -> None:
         if self.max_samples < 1 or self.max_bands < 0 or self.values_per_channel < 1:
             raise UserError("bias correction needs max_samples, values_per_channel >= 1 and max_bands >= 0")
-        if self.measure not in ("layer", "activation"):
-            raise UserError(f"bias correction measure must be 'layer' or 'activation', got {self.measure!r}")
+        if self.measure not in ("auto", "layer", "activation"):
+            raise UserError(f"bias correction measure must be 'auto', 'layer' or 'activation', got {self.measure!r}")
+
+    def measure_after(self, reconstructed: bool) -> str:
+        """Where the means are matched, given whether block reconstruction ran before the correction."""
+        if self.measure != "auto":
+            return self.measure
+        return "layer" if reconstructed else "activation"
 
 
 @dataclass(frozen=True)
@@ -171,7 +182,9 @@ class QuantConfig:
     # None: on with the fast recipe, where it is the only correction of weight rounding (BENCHMARKS.md:
     # PP-OCRv4 rec +1.7 dB and exact match 0.665 -> 0.700, det IoU 0.952 -> 0.966, zoo +0.3 to +1.2 dB
     # at W8, for about 10-20 s on rec), off after reconstruction, which already learns each block
-    # against the float outputs (an ablation there: --bias-correction).
+    # against the float outputs. On there (an ablation: --bias-correction) it matches layer-output
+    # means: PP-OCRv4 rec CER 0.188 / 0.189 -> 0.178 / 0.182 at seeds 0 / 1 at 0.2 to 0.5 dB of output
+    # SQNR, but ddddocr's recognizer lost 4.4 dB and 7 points of agreement (session 16).
     bias_correction: Optional[bool] = None
     # Outlier-aware activation ranges: a tensor whose channels include outliers (find_outliers) gets a
     # range that reaches those channels' median-sample min and max (channel_stats.outlier_cover).

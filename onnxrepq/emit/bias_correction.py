@@ -73,8 +73,10 @@ class CorrectBias:
     name = "correct_bias"
 
     def __init__(self, float_model: onnx.ModelProto, calibration: Iterable[Feed],
-                 config: BiasCorrectionConfig = BiasCorrectionConfig(), seed: int = 0, progress: bool = False):
+                 config: BiasCorrectionConfig = BiasCorrectionConfig(), seed: int = 0, progress: bool = False,
+                 reconstructed: bool = False):
         self.float_model = float_model
+        self.measure = config.measure_after(reconstructed)
         self.calibration = calibration
         self.config = config
         self.seed = seed
@@ -86,7 +88,7 @@ class CorrectBias:
         if not layers:
             return PassResult(graph, False, ["no layer to correct"] + refused)
         feeds = self._feeds()
-        use_activation = self.config.measure == "activation"
+        use_activation = self.measure == "activation"
         targets = _float_means(self.float_model, layers, feeds, use_activation)
         bands = _bands(graph, layers, self.config.max_bands)
         # Merged levels hold layers that feed each other: a shifted stored output would miss the
@@ -115,8 +117,9 @@ class CorrectBias:
         layers = [layer for layer in layers if layer.correction is not None]
         graph.cleanup().toposort()
         size = float(np.mean([np.abs(layer.correction).mean() for layer in layers])) if layers else 0.0
-        notes = [f"{len(layers)} biases corrected in {len(bands)} bands over {len(feeds)} samples"
-                 f" (mean |correction| {size:.3g})"] + _error_notes(errors) + refused
+        where = "layer outputs" if self.measure == "layer" else "activations"
+        notes = [f"{len(layers)} biases corrected in {len(bands)} bands over {len(feeds)} samples, means matched"
+                 f" at the {where} (mean |correction| {size:.3g})"] + _error_notes(errors) + refused
         return PassResult(graph, bool(layers), notes)
 
     def _feeds(self) -> list[dict[str, np.ndarray]]:

@@ -220,6 +220,21 @@ def test_bias_correction_defaults_on_for_the_fast_recipe_only():
     assert QuantConfig(fast=True).corrects_bias and not QuantConfig(fast=False).corrects_bias
     assert not QuantConfig(fast=True, bias_correction=False).corrects_bias
     assert QuantConfig(fast=False, bias_correction=True).corrects_bias
+    assert BiasCorrectionConfig().measure_after(reconstructed=True) == "layer"
+    assert BiasCorrectionConfig().measure_after(reconstructed=False) == "activation"
+    assert BiasCorrectionConfig(measure="activation").measure_after(reconstructed=True) == "activation"
+
+
+def test_after_reconstruction_the_layer_means_are_matched(chain):
+    """The MAE block loss matches medians and leaves each layer's mean shifted; after the scale search
+    alone the mean after the Relu is the one to match."""
+    config = QuantConfig(bias_correction=True, reconstruction=ReconstructionConfig(iterations=3))
+    records = {r.name: r for r in quantize_with_result(chain[0], CALIBRATION, config).passes}
+    assert "means matched at the layer outputs" in records["correct_bias"].notes[0]
+    assert "correct_bias" not in {r.name for r in quantize_with_result(
+        chain[0], CALIBRATION, config.with_(bias_correction=None)).passes}
+    fast = {r.name: r for r in quantize_with_result(chain[0], CALIBRATION, config.with_(fast=True)).passes}
+    assert "means matched at the activations" in fast["correct_bias"].notes[0]
 
 
 def test_config_checks_its_fields():
