@@ -17,7 +17,7 @@ from onnx import helper
 import onnxrepq
 from onnxrepq.config import QuantConfig
 from onnxrepq.emit.coverage import optimized_model
-from tests.models_for_tests import make_model, run_ort, sqnr_db
+from tests.models_for_tests import make_model, run_ort, sqnr_db, weights
 
 rng = np.random.default_rng(3)
 FEATURES, HIDDEN, CLASSES = 16, 24, 12
@@ -25,9 +25,9 @@ CALIBRATION = rng.standard_normal((32, 4, FEATURES)).astype(np.float32)
 HELD_OUT = rng.standard_normal((16, 4, FEATURES)).astype(np.float32)
 
 
-def weights(*shape, scale: float = 0.5, seed: int = 0) -> np.ndarray:
-    """Drawn here, not from the shared generator, so the model does not depend on which tests ran before."""
-    return (np.random.default_rng([seed, *shape]).standard_normal(shape) * scale).astype(np.float32)
+def own(*shape) -> np.random.Generator:
+    """This test's own draw per weight shape (the SQNR floors were measured on it)."""
+    return np.random.default_rng([0, *shape])
 
 
 def head_model(hidden_consumer: str) -> onnx.ModelProto:
@@ -49,8 +49,10 @@ def head_model(hidden_consumer: str) -> onnx.ModelProto:
         helper.make_node("Flatten", ["logits"], ["flat"], axis=1),
         helper.make_node("Softmax", ["flat"], ["y"], axis=1),
     ]
-    inits = {"w1": weights(FEATURES, HIDDEN), "b1": weights(HIDDEN), "shape": np.array([0, 4, HIDDEN], np.int64),
-             "w2": weights(HIDDEN, CLASSES), "b2": weights(CLASSES, scale=2.0)}
+    inits = {"w1": weights(FEATURES, HIDDEN, generator=own(FEATURES, HIDDEN)),
+             "b1": weights(HIDDEN, generator=own(HIDDEN)), "shape": np.array([0, 4, HIDDEN], np.int64),
+             "w2": weights(HIDDEN, CLASSES, generator=own(HIDDEN, CLASSES)),
+             "b2": weights(CLASSES, scale=2.0, generator=own(CLASSES))}
     return make_model(nodes, {"x": ["n", 4, FEATURES]}, ["y"], inits)
 
 
@@ -83,7 +85,8 @@ def test_a_conv_output_that_reaches_only_float_ops_is_still_quantized():
     """QLinearConv exists only with the Q after the conv, so a conv keeps it even when nothing integer reads it."""
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
              helper.make_node("Flatten", ["c"], ["f"], axis=1), helper.make_node("Softmax", ["f"], ["y"], axis=1)]
-    model = make_model(nodes, {"x": ["n", 3, 6, 6]}, ["y"], {"w": weights(4, 3, 3, 3), "b": weights(4)})
+    model = make_model(nodes, {"x": ["n", 3, 6, 6]}, ["y"], {"w": weights(4, 3, 3, 3, generator=own(4, 3, 3, 3)),
+                                                           "b": weights(4, generator=own(4))})
     images = np.random.default_rng(4).standard_normal((16, 3, 6, 6)).astype(np.float32)
     result = onnxrepq.quantize(model, images, QuantConfig(fast=True))
     assert "c" in quantized_tensors(result)
