@@ -302,7 +302,9 @@ def quantize_with_result(model: ModelLike, calibration: Any, config: Optional[Qu
     weight_params |= {name: WeightQuant(book.scale, book.axis, book.grid) for name, book in codebooks.items()}
     insert = InsertQDQ(replace(plan, weights=[s for s in plan.weights if s.node not in int4]), activation_params,
                        weight_params, rules.narrow_activation_clip)
-    correct = [CorrectBias(normalized, calibration_data, BiasCorrectionConfig(), config.seed, progress,
+    # guarded unless asked for by name: the user then wants the correction, not our judgement of it
+    correction = BiasCorrectionConfig(guard=config.bias_correction is None)
+    correct = [CorrectBias(normalized, calibration_data, correction, config.seed, progress,
                            reconstructed=bool(reconstruct))] if config.corrects_bias else []
     store_int4 = [StoreInt4Weights(int4)] if int4 else []
     paired = {name: held for name, held in paired.items() if name not in int4 and name not in codebooks}

@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="activation ranges reach the outlier channels' median-sample extremes")
     quantize.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
                           help="move each layer's mean output shift into its bias, measured on the calibration data"
-                               " (default: on with --fast only)")
+                               " (default: on with --fast only, and kept there only if the outputs come closer to"
+                               " float; named, it is kept whatever the outputs do)")
     quantize.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
                           help="calibration images are resized to H x W (default: the model's input size)")
     quantize.add_argument("--image-mean", type=float, nargs="+", metavar="M", help="per-channel mean after 1/255")

@@ -273,3 +273,56 @@ def test_the_clipped_mean_from_sorted_values_is_the_direct_one(low, high):
         shift = generator.normal(0.0, 2.0, 40)
         direct = np.clip(values + shift[:, None], low, high).mean(axis=1)
         np.testing.assert_allclose(clipped_mean(shift), direct, rtol=1e-9, atol=1e-9)
+
+
+def _misleading_shift() -> tuple[onnx.ModelProto, gs.Graph]:
+    """A float conv and a quantized graph whose conv carries an offset d that a later Sub removes.
+
+    The conv output's mean is off by d, so matching it moves the bias; the graph's output, exact
+    before, is then off by d: a correction that matches every mean and makes the outputs worse.
+    """
+    weight = np.round(rng.normal(0, 0.3, (4, 3, 1, 1)) * 8).astype(np.float32) / 8   # on the 4-bit grid below
+    bias, offset = rng.normal(0, 0.1, 4).astype(np.float32), np.full(4, 0.5, np.float32)
+    float_model = make_model([helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+                              helper.make_node("Identity", ["c"], ["y"])],
+                             {"x": ["n", 3, 12, 12]}, {"y": ["n", 4, 12, 12]}, {"w": weight, "b": bias})
+    x = gs.Variable("x", np.float32, ["n", 3, 12, 12])
+    graph = gs.Graph(inputs=[x], opset=13)
+    dequantized = graph.layer(op="DequantizeLinear", inputs=[gs.Constant("wq", (weight * 8).astype(np.int8)),
+                                                               gs.Constant("ws", np.full(4, 1 / 8, np.float32)),
+                                                               gs.Constant("wz", np.zeros(4, np.int8))],
+                              outputs=[gs.Variable("wd")], attrs={"axis": 0})[0]
+    conv = graph.layer(op="Conv", name="conv", inputs=[x, dequantized, gs.Constant("bq", bias + offset)],
+                       outputs=[gs.Variable("c", np.float32)])[0]
+    graph.outputs = graph.layer(op="Sub", inputs=[conv, gs.Constant("d", offset.reshape(1, 4, 1, 1))],
+                                outputs=[gs.Variable("y", np.float32)])
+    return float_model, graph
+
+
+def test_guard_hands_back_the_graph_when_the_correction_moves_the_outputs_away():
+    float_model, graph = _misleading_shift()
+    feeds = [{"x": CALIBRATION[i:i + 8]} for i in range(0, len(CALIBRATION), 8)]
+    exact = _tap(graph.copy(), [], HELD_OUT)["y"]
+    reference = run_ort(float_model, {"x": HELD_OUT})[0]
+    assert sqnr_db(reference, exact) > 60.0
+
+    unguarded = CorrectBias(float_model, feeds, BiasCorrectionConfig(measure="layer", guard=False))(graph.copy())
+    assert unguarded.modified and sqnr_db(reference, _tap(unguarded.graph, [], HELD_OUT)["y"]) < 20.0
+
+    guarded = CorrectBias(float_model, feeds, BiasCorrectionConfig(measure="layer"))(graph.copy())
+    assert not guarded.modified
+    assert guarded.notes[-1].startswith("bias correction undone: output SQNR")
+    np.testing.assert_array_equal(_tap(guarded.graph, [], HELD_OUT)["y"], exact)
+
+
+def test_guard_keeps_a_correction_that_brings_the_outputs_closer(chain):
+    """The fast recipe's own correction (guarded) is the one asked for by name (not guarded) here."""
+    model, plain, corrected = chain
+    default = quantize_with_result(model, CALIBRATION, W4.with_(bias_correction=None))
+    record = next(r for r in default.passes if r.name == "correct_bias")
+    assert record.modified and record.notes[-1].startswith("bias correction kept: output SQNR")
+    reference = run_ort(model, {"x": HELD_OUT})[0]
+    assert sqnr_db(reference, run_ort(default.model, {"x": HELD_OUT})[0]) > \
+        sqnr_db(reference, run_ort(plain.model, {"x": HELD_OUT})[0]) + 1.0
+    named = next(r for r in corrected.passes if r.name == "correct_bias")
+    assert not any(note.startswith("bias correction kept") for note in named.notes)
