@@ -109,9 +109,10 @@ class BiasCorrectionConfig:
     # Keep the corrected biases only where they leave the model outputs (onnxruntime, the same
     # samples, kernels fused as deployed) no further from the float ones than before. Matching each
     # layer's mean does not always bring the outputs closer: on ddddocr's recognizer (convolutions
-    # into an LSTM) `--fast` lost 2.1 dB with it and on the PP-OCR classifier 0.5 dB, while rec, det
-    # and the zoo gained 0.5 to 5 dB (BENCHMARKS.md, session 17). The API turns it off where a user
-    # asked for the correction by name (``QuantConfig.bias_correction=True``).
+    # into an LSTM) `--fast` lost 2.1 dB with it, while rec, det and the zoo gained 0.5 to 5 dB
+    # (BENCHMARKS.md, session 17; the guard undoes ddddocr's and, a near tie on the calibration
+    # samples, the zoo's acnet's). The API turns it off where a user asked for the correction by
+    # name (``QuantConfig.bias_correction=True``).
     guard: bool = True
 
     def __post_init__(self) -> None:
