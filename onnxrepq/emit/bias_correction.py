@@ -125,7 +125,8 @@ class CorrectBias:
         graph.cleanup().toposort()
         size = float(np.mean([np.abs(layer.correction).mean() for layer in layers])) if layers else 0.0
         where = "layer outputs" if self.measure == "layer" else "activations"
-        notes = [f"{len(layers)} biases corrected in {len(bands)} bands over {len(feeds)} samples, means matched"
+        samples = sum(len(next(iter(feed.values()))) for feed in feeds)
+        notes = [f"{len(layers)} biases corrected in {len(bands)} bands over {samples} samples, means matched"
                  f" at the {where} (mean |correction| {size:.3g})"] + _error_notes(errors) + refused
         if layers and self.config.guard:
             kept, verdict = _keeps_correction(self.float_model, uncorrected, gs.export_onnx(graph), feeds)
@@ -181,7 +182,8 @@ def _keeps_correction(float_model: onnx.ModelProto, uncorrected: onnx.ModelProto
     kept = after <= before
     sqnr = [10 * np.log10(power / max(error, 1e-30)) for error in (before, after)]
     return kept, (f"bias correction {'kept' if kept else 'undone'}: output SQNR {sqnr[0]:.2f} dB without it,"
-                  f" {sqnr[1]:.2f} dB with it, on the {len(feeds)} samples it was measured on"
+                  f" {sqnr[1]:.2f} dB with it, on the {sum(len(next(iter(f.values()))) for f in feeds)} samples it was"
+                  f" measured on"
                   f" (change per batch {relative.mean():+.3g} +- {noise:.2g} of its output power)")
 
 
