@@ -188,12 +188,12 @@ class QuantConfig:
     absorb_high_bias: bool = False
     # Empirical bias correction after the scale search (and reconstruction), before emitting.
     # None: on with the fast recipe (guarded: BiasCorrectionConfig.guard), where it is the only
-    # correction of weight rounding (BENCHMARKS.md: PP-OCRv4 rec +1.7 dB and exact match 0.665 ->
-    # 0.700, det IoU 0.952 -> 0.966, zoo +0.3 to +1.2 dB at W8, for about 10-20 s on rec), off after
-    # reconstruction, which already learns each block against the float outputs. On there (an ablation: --bias-correction) it matches layer-output
-    # means: PP-OCRv4 rec CER 0.188 / 0.199 -> 0.178 / 0.182 at seeds 0 / 1 at 0.2 to 0.3 dB of output
-    # SQNR, but ddddocr's recognizer lost 4.4 dB and 7 points of agreement, det 0.6 dB, and rec at
-    # W6A6 read every line as blank (session 16).
+    # correction of weight rounding (BENCHMARKS.md: PP-OCRv4 rec +1.7 dB and exact match 0.665 -> 0.700,
+    # det IoU 0.952 -> 0.966, zoo +0.3 to +1.2 dB at W8, for about 10-20 s on rec), off after
+    # reconstruction, which already learns each block against the float outputs. On there (an ablation:
+    # --bias-correction) it matches layer-output means: PP-OCRv4 rec CER 0.188 / 0.199 -> 0.178 / 0.182
+    # at seeds 0 / 1 at 0.2 to 0.3 dB of output SQNR, but ddddocr's recognizer lost 4.4 dB and 7 points
+    # of agreement, det 0.6 dB, and rec at W6A6 read every line as blank (session 16).
     bias_correction: Optional[bool] = None
     # Outlier-aware activation ranges: a tensor whose channels include outliers (find_outliers) gets a
     # range that reaches those channels' median-sample min and max (channel_stats.outlier_cover).

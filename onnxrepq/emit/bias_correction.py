@@ -129,7 +129,7 @@ class CorrectBias:
         notes = [f"{len(layers)} biases corrected in {len(bands)} bands over {samples} samples, means matched"
                  f" at the {where} (mean |correction| {size:.3g})"] + _error_notes(errors) + refused
         if layers and self.config.guard:
-            kept, verdict = _keeps_correction(self.float_model, uncorrected, gs.export_onnx(graph), feeds)
+            kept, verdict = _keeps_correction(self.float_model, uncorrected, gs.export_onnx(graph), feeds, samples)
             notes.append(verdict)
             if not kept:
                 return PassResult(gs.import_onnx(uncorrected), False, notes)
@@ -149,7 +149,7 @@ class CorrectBias:
 
 
 def _keeps_correction(float_model: onnx.ModelProto, uncorrected: onnx.ModelProto, corrected: onnx.ModelProto,
-                      feeds: list[dict[str, np.ndarray]]) -> tuple[bool, str]:
+                      feeds: list[dict[str, np.ndarray]], samples: int) -> tuple[bool, str]:
     """Whether the corrected graph's float outputs are at least as close to the float model's as the
     uncorrected graph's on the calibration samples, and the note that says so.
 
@@ -182,8 +182,7 @@ def _keeps_correction(float_model: onnx.ModelProto, uncorrected: onnx.ModelProto
     kept = after <= before
     sqnr = [10 * np.log10(power / max(error, 1e-30)) for error in (before, after)]
     return kept, (f"bias correction {'kept' if kept else 'undone'}: output SQNR {sqnr[0]:.2f} dB without it,"
-                  f" {sqnr[1]:.2f} dB with it, on the {sum(len(next(iter(f.values()))) for f in feeds)} samples it was"
-                  f" measured on"
+                  f" {sqnr[1]:.2f} dB with it, on the {samples} samples it was measured on"
                   f" (change per batch {relative.mean():+.3g} +- {noise:.2g} of its output power)")
 
 
